@@ -1,0 +1,52 @@
+"""sftpack: supervised fine-tuning data packed into fixed-length training sequences.
+
+`import sftpack` stays light: the torch-facing names load torch on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .errors import ConfigError, InputError, SFTPackError, StoreError, TokenizerError  # noqa: E402
+
+_LAZY = {
+    "PackedSFTDataset": "dataset",
+    "open_packed": "dataset",
+    "iterate_batches": "loader",
+    "collate": "loader",
+    "collate_flattened": "loader",
+    "build": "build",
+    "BuildOptions": "build",
+    "BuildSummary": "build",
+    "load_tokenizer": "tokenizers",
+    "verify_store": "store",
+}
+
+__all__ = [
+    "PackedSFTDataset",
+    "open_packed",
+    "iterate_batches",
+    "collate",
+    "collate_flattened",
+    "build",
+    "BuildOptions",
+    "BuildSummary",
+    "load_tokenizer",
+    "verify_store",
+    "SFTPackError",
+    "InputError",
+    "ConfigError",
+    "StoreError",
+    "TokenizerError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sftpack' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)

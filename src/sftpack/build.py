@@ -1,0 +1,405 @@
+"""The build pipeline: records -> rendered documents -> tokens + mask -> store.
+
+Streaming and bounded: records are read and rendered in a background thread, batch by
+batch, while the tokenizer encodes the previous batch on all cores (quicktok releases the
+GIL); each batch is appended to the store as it is done. Shuffling permutes whole
+document units after tokenizing in file order, reading them back from the staged arrays
+in bounded chunks, so it never needs all documents in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from . import __version__
+from .errors import ConfigError, SFTPackError
+from .pack import dropped_tail, num_rows
+from .records import Inputs, Record, RecordReader, expand_inputs, fingerprint_inputs
+from .store import MANIFEST, VERSION, StoreWriter, read_manifest, token_dtype
+from .templates import Rendered, Schema, Template, make_template
+from .tokenize import encode_documents
+from .tokenizers import Tokenizer, load_tokenizer
+
+BATCH_CHARS = 4 << 20  # rendered characters per tokenizer call
+GATHER_TOKENS = 1 << 23  # tokens per chunk when writing shuffled units
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything that decides a store's bytes (besides the inputs and the tokenizer).
+
+    seq_length: tokens per row. shuffle/seed: permute documents before packing (seed None:
+    a fresh seed, recorded in the manifest). schema/fields: how records are read.
+    template: "alpaca", "chat" or a template string/file. train_on_prompt: False masks all
+    but response tokens. last_turn_only: train only the last assistant turn.
+    special_tokens: "parse" (the reference) or "text" for special-token strings found in
+    user content. boundaries: items carry position_ids and seq_lens. mask_cross_document:
+    the label that crosses into the next document is -100.
+    """
+
+    seq_length: int
+    shuffle: bool = False
+    seed: int | None = None
+    schema: str = "auto"
+    fields: Mapping[str, str] = field(default_factory=dict)
+    template: str = "alpaca"
+    train_on_prompt: bool = True
+    last_turn_only: bool = False
+    special_tokens: str = "parse"
+    boundaries: bool = False
+    mask_cross_document: bool = False
+
+    def validate(self) -> None:
+        if isinstance(self.seq_length, bool) or not isinstance(self.seq_length, (int, np.integer)):
+            raise ConfigError(f"seq_length must be an integer, got {self.seq_length!r}")
+        if self.seq_length < 1:
+            raise ConfigError(f"seq_length must be >= 1, got {self.seq_length}")
+        if self.special_tokens not in ("parse", "text"):
+            raise ConfigError(f"special_tokens={self.special_tokens!r} is not one of 'parse', 'text'")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
+            raise ConfigError(f"seed must be an integer or None, got {self.seed!r}")
+        Schema(self.schema, self.fields)
+
+
+@dataclass
+class BuildSummary:
+    """What a build did; `reused` is True when an up-to-date store was found."""
+
+    path: Path
+    documents: int
+    tokens: int
+    sequences: int
+    dropped_tokens: int
+    supervised_tokens: int
+    rows_without_supervision: int
+    special_token_documents: int
+    input_bytes: int
+    seconds: float
+    reused: bool
+    tokenizer: str
+    seed: int | None
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.input_bytes / 1e6 / self.seconds if self.seconds > 0 else float("inf")
+
+    def lines(self) -> list[str]:
+        head = "reused up-to-date store" if self.reused else "built store"
+        out = [
+            f"{head}: {self.path}",
+            f"  documents:        {self.documents:,}",
+            f"  tokens:           {self.tokens:,}",
+            f"  sequences:        {self.sequences:,}",
+            f"  dropped at tail:  {self.dropped_tokens:,} tokens",
+            f"  supervised:       {self.supervised_tokens:,} label tokens",
+        ]
+        if self.rows_without_supervision:
+            out.append(f"  WARNING: {self.rows_without_supervision:,} rows have no supervised token")
+        if self.special_token_documents:
+            out.append(f"  WARNING: {self.special_token_documents:,} documents hold special-token strings in their text")
+        out.append(f"  tokenizer:        {self.tokenizer}")
+        if self.seed is not None:
+            out.append(f"  shuffle seed:     {self.seed}")
+        if not self.reused:
+            out.append(f"  throughput:       {self.mb_per_s:.1f} MB/s of input ({self.seconds:.2f} s)")
+        return out
+
+
+def fingerprint(paths: list[Path], tok: Tokenizer, template: Template, schema: Schema, opts: BuildOptions) -> str:
+    """Hash of everything that decides the store's bytes (not paths, mtimes or worker counts)."""
+    parts = {
+        "format_version": VERSION,
+        "inputs": fingerprint_inputs(paths),
+        "tokenizer": tok.fingerprint(),
+        "template": template.fingerprint(),
+        "schema": schema.fingerprint(),
+        "options": _options_dict(opts),
+    }
+    return xxhash.xxh3_128_hexdigest(json.dumps(parts, sort_keys=True).encode())
+
+
+def _options_dict(opts: BuildOptions) -> dict[str, Any]:
+    d = asdict(opts)
+    d["fields"] = dict(sorted(opts.fields.items()))
+    d["seed"] = None if opts.seed is None else int(opts.seed)
+    d["seq_length"] = int(opts.seq_length)
+    return d
+
+
+def build(
+    inputs: Inputs,
+    out: str | os.PathLike | None,
+    options: BuildOptions,
+    tokenizer: Any = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 0,
+    progress: bool | None = None,
+    force: bool = False,
+) -> BuildSummary:
+    """Build the store at `out` (or at `cache_dir/<fingerprint>`), or reuse it when its
+    fingerprint matches. `workers` (0: all cores) never changes the result."""
+    if (out is None) == (cache_dir is None):
+        raise ConfigError("give exactly one of out= and cache_dir=")
+    started = time.perf_counter()
+    options.validate()
+    if options.shuffle and options.seed is None:
+        options = BuildOptions(**{**asdict(options), "seed": secrets.randbits(63)})
+    paths = expand_inputs(inputs)
+    tok = load_tokenizer(tokenizer, threads=workers)
+    schema = Schema(options.schema, options.fields)
+    template = make_template(
+        options.template,
+        chat_template=tok.chat_template,
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        special_tokens=list(tok.special_tokens),
+        last_turn_only=options.last_turn_only,
+    )
+    fp = fingerprint(paths, tok, template, schema, options)
+    out = Path(out) if out is not None else Path(cache_dir) / fp  # type: ignore[arg-type]
+    if not force and (out / MANIFEST).is_file():
+        try:
+            manifest = read_manifest(out)
+        except SFTPackError:
+            manifest = {}
+        if manifest.get("fingerprint") == fp:
+            return _summary(out, manifest, time.perf_counter() - started, reused=True)
+
+    reader = RecordReader(paths)
+    with StoreWriter(out, token_dtype(tok.vocab_size)) as writer:
+        counts = _encode_all(reader, tok, schema, template, options, writer, progress)
+        if options.shuffle:
+            _write_shuffled(writer, options.seed, tok, reader, schema, template, options)
+        drop = 1 if tok.eos_id is not None else 0
+        n_tokens = writer.n_tokens - drop
+        rows, supervised, empty_rows = _supervision(writer, n_tokens, options.seq_length)
+        if supervised == 0:
+            raise ConfigError(
+                "no token of the dataset is supervised (every label is masked); check train_on_prompt and the template"
+            )
+        manifest = {
+            "fingerprint": fp,
+            "created_by": f"sftpack {__version__}",
+            "seq_length": int(options.seq_length),
+            "options": _options_dict(options),
+            "tokenizer": {
+                "name": tok.name,
+                "vocab_size": tok.vocab_size,
+                "bos_id": tok.bos_id,
+                "eos_id": tok.eos_id,
+                "adds_bos": tok.adds_bos,
+            },
+            "counts": {
+                "documents": writer.n_docs,
+                "tokens": n_tokens,
+                "sequences": rows,
+                "dropped_tokens": dropped_tail(n_tokens, options.seq_length),
+                "supervised_tokens": supervised,
+                "rows_without_supervision": empty_rows,
+                "special_token_documents": counts["special_docs"],
+                "input_bytes": reader.total_bytes,
+            },
+        }
+        writer.commit(manifest, drop_last_tokens=drop)
+    if counts["special_docs"]:
+        warnings.warn(
+            f"{counts['special_docs']} documents contain special-token strings in their text; they were "
+            + ("parsed as special tokens (the reference behaviour, an injection risk)" if options.special_tokens == "parse"
+               else "encoded as plain text"),
+            stacklevel=2,
+        )
+    return _summary(out, manifest, time.perf_counter() - started, reused=False)
+
+
+def _summary(path: Path, manifest: dict[str, Any], seconds: float, reused: bool) -> BuildSummary:
+    c = manifest["counts"]
+    return BuildSummary(
+        path=path,
+        documents=c["documents"],
+        tokens=c["tokens"],
+        sequences=c["sequences"],
+        dropped_tokens=c["dropped_tokens"],
+        supervised_tokens=c["supervised_tokens"],
+        rows_without_supervision=c["rows_without_supervision"],
+        special_token_documents=c["special_token_documents"],
+        input_bytes=c["input_bytes"],
+        seconds=seconds,
+        reused=reused,
+        tokenizer=manifest["tokenizer"]["name"],
+        seed=manifest["options"]["seed"],
+    )
+
+
+def _render(record: Record, schema: Schema, kind: str, template: Template) -> Rendered:
+    try:
+        rendered = template.render(schema.turns(record, kind))
+    except ConfigError as exc:
+        raise record.error(str(exc)) from None
+    try:
+        rendered.text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise record.error(f"text cannot be encoded as UTF-8 ({exc.reason}, a lone surrogate?)") from None
+    return rendered
+
+
+def _batches(reader: RecordReader, schema: Schema, template: Template) -> Iterator[tuple[list[Record], list[Rendered]]]:
+    records: list[Record] = []
+    docs: list[Rendered] = []
+    size = 0
+    kind = None
+    for record in reader:
+        if kind is None:
+            kind = schema.detect(record)
+        doc = _render(record, schema, kind, template)
+        records.append(record)
+        docs.append(doc)
+        size += len(doc.text)
+        if size >= BATCH_CHARS:
+            yield records, docs
+            records, docs, size = [], [], 0
+    if docs:
+        yield records, docs
+
+
+def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run `it` in a background thread, `depth` items ahead; exceptions re-raise here."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("done", None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            q.put(("error", exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+
+
+def _encode_all(reader: RecordReader, tok: Tokenizer, schema: Schema, template: Template, opts: BuildOptions,
+                writer: StoreWriter, progress: bool | None) -> dict[str, int]:
+    bar = _progress_bar(reader.total_bytes, progress)
+    special_docs = 0
+    first = not opts.shuffle
+    try:
+        for records, docs in _prefetch(_batches(reader, schema, template)):
+            batch = encode_documents(
+                tok,
+                docs,
+                train_on_prompt=opts.train_on_prompt,
+                parse_specials=opts.special_tokens == "parse",
+                first_in_stream=first,
+            )
+            first = False
+            _check_ids(batch.tokens, batch.unit_lengths, records, tok.vocab_size)
+            writer.append(batch.tokens, batch.mask, batch.unit_lengths)
+            special_docs += batch.special_docs
+            if bar is not None:
+                bar.update(reader.bytes_read - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"special_docs": special_docs}
+
+
+def _check_ids(tokens: np.ndarray, unit_lengths: np.ndarray, records: list[Record], vocab_size: int) -> None:
+    if len(tokens) and (int(tokens.max()) >= vocab_size or int(tokens.min()) < 0):
+        bad = int(np.flatnonzero((tokens >= vocab_size) | (tokens < 0))[0])
+        doc = int(np.searchsorted(np.cumsum(unit_lengths), bad, side="right"))
+        raise records[doc].error(f"token id {int(tokens[bad])} is outside the vocabulary (size {vocab_size})")
+
+
+def _write_shuffled(writer: StoreWriter, seed: int | None, tok: Tokenizer, reader: RecordReader, schema: Schema,
+                    template: Template, opts: BuildOptions) -> None:
+    tokens, mask, offsets = writer.stage()
+    n_docs = len(offsets) - 1
+    order = np.random.default_rng(seed).permutation(n_docs)
+    lengths = np.diff(offsets)[order]
+    if not tok.per_piece_exact and n_docs:
+        # The stream's first document is encoded as at the start of the joined string.
+        first = _first_unit(reader, schema, template, opts, tok, int(order[0]))
+        writer.append(first.tokens, first.mask, first.unit_lengths)
+        order, lengths = order[1:], lengths[1:]
+    ends = np.cumsum(lengths)
+    cut = 0
+    while cut < len(order):
+        base = ends[cut - 1] if cut else 0
+        stop = max(cut + 1, int(np.searchsorted(ends, base + GATHER_TOKENS, side="right")))
+        chunk, chunk_lengths = order[cut:stop], lengths[cut:stop]
+        idx = np.repeat(offsets[chunk] - np.concatenate(([0], np.cumsum(chunk_lengths)[:-1])), chunk_lengths)
+        idx += np.arange(int(chunk_lengths.sum()))
+        writer.append(np.asarray(tokens[idx]), np.asarray(mask[idx]), chunk_lengths)
+        cut = stop
+    del tokens, mask
+
+
+def _first_unit(reader: RecordReader, schema: Schema, template: Template, opts: BuildOptions, tok: Tokenizer,
+                index: int) -> Any:
+    kind = None
+    for i, record in enumerate(RecordReader(reader.paths)):
+        kind = kind or schema.detect(record)
+        if i == index:
+            doc = _render(record, schema, kind, template)
+            return encode_documents(tok, [doc], train_on_prompt=opts.train_on_prompt,
+                                    parse_specials=opts.special_tokens == "parse", first_in_stream=True)
+    raise SFTPackError("input changed during the build")
+
+
+def _supervision(writer: StoreWriter, n_tokens: int, seq_length: int) -> tuple[int, int, int]:
+    """(rows, supervised label tokens in rows, rows whose labels are all masked)."""
+    rows = num_rows(n_tokens, seq_length)
+    mask = writer.loss_mask()
+    supervised = empty = 0
+    step = max(1, (1 << 24) // seq_length)
+    for r in range(0, rows, step):
+        r_end = min(rows, r + step)
+        labels = np.asarray(mask[r * seq_length + 1 : r_end * seq_length + 1]).reshape(r_end - r, seq_length)
+        per_row = labels.sum(axis=1, dtype=np.int64)
+        supervised += int(per_row.sum())
+        empty += int((per_row == 0).sum())
+    del mask
+    return rows, supervised, empty
+
+
+def _progress_bar(total: int, progress: bool | None) -> Any:
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="sftpack build", file=sys.stderr)

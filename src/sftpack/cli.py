@@ -1,0 +1,106 @@
+"""The `sftpack` command line: parsing and printing only; the library does the work."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+from .errors import SFTPackError
+
+
+def _fields(pairs: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, key = pair.partition("=")
+        if not sep or not name or not key:
+            raise SFTPackError(f"--field takes NAME=KEY (for example prompt=question), got {pair!r}")
+        out[name] = key
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sftpack", description="Pack SFT data into fixed-length training sequences.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build (or reuse) a packed store")
+    b.add_argument("inputs", nargs="+", help="input files, directories or globs (.jsonl[.gz|.zst], .json, .parquet)")
+    b.add_argument("--out", required=True, help="store directory to write")
+    b.add_argument("--seq-length", type=int, required=True)
+    b.add_argument("--tokenizer", default="llama3", help="bundled name, HF tokenizer directory or tokenizer.json")
+    b.add_argument("--shuffle", action="store_true")
+    b.add_argument("--seed", type=int, default=None)
+    b.add_argument("--schema", default="auto", help="auto, prompt_response, alpaca, messages, sharegpt")
+    b.add_argument("--field", action="append", default=[], metavar="NAME=KEY", help="remap a field name")
+    b.add_argument("--template", default="alpaca", help="alpaca, chat, a template string or a template file")
+    b.add_argument("--no-train-on-prompt", dest="train_on_prompt", action="store_false")
+    b.add_argument("--last-turn-only", action="store_true", help="train only the last assistant turn")
+    b.add_argument("--special-tokens", choices=("parse", "text"), default="parse",
+                   help="special-token strings in user text: parse them (reference) or keep them as text")
+    b.add_argument("--boundaries", action="store_true", help="rows carry position_ids and seq_lens")
+    b.add_argument("--mask-cross-document", action="store_true", help="mask labels that cross into the next document")
+    b.add_argument("--workers", type=int, default=0, help="tokenizer threads (0: all cores)")
+    b.add_argument("--force", action="store_true", help="rebuild even if the store is up to date")
+    b.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+
+    v = sub.add_parser("verify", help="check every checksum of a store")
+    v.add_argument("store")
+
+    i = sub.add_parser("inspect", help="print a row decoded, with boundaries and masked tokens marked")
+    i.add_argument("store")
+    i.add_argument("--row", type=int, default=0)
+    i.add_argument("--tokenizer", default=None, help="override the tokenizer recorded in the store")
+    i.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            return _build(args)
+        if args.command == "verify":
+            from .store import verify_store
+
+            store = verify_store(args.store)
+            print(f"ok: {store.path} ({len(store.tokens):,} tokens, every checksum matches)")
+            return 0
+        if args.command == "inspect":
+            from .inspect import render_row
+
+            print(render_row(args.store, args.row, tokenizer=args.tokenizer, color=args.color))
+            return 0
+    except SFTPackError as exc:
+        print(f"sftpack: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .build import BuildOptions, build
+
+    options = BuildOptions(
+        seq_length=args.seq_length,
+        shuffle=args.shuffle,
+        seed=args.seed,
+        schema=args.schema,
+        fields=_fields(args.field),
+        template=args.template,
+        train_on_prompt=args.train_on_prompt,
+        last_turn_only=args.last_turn_only,
+        special_tokens=args.special_tokens,
+        boundaries=args.boundaries,
+        mask_cross_document=args.mask_cross_document,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the summary reports the same counts
+        summary = build(args.inputs, args.out, options, args.tokenizer, workers=args.workers,
+                        progress=False if args.quiet else None, force=args.force)
+    if not args.quiet:
+        print("\n".join(summary.lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Exception types. Every user-facing problem is an `SFTPackError`, a `ValueError`."""
+
+from __future__ import annotations
+
+import os
+
+
+class SFTPackError(ValueError):
+    """Base class of every error sftpack raises on purpose."""
+
+
+class InputError(SFTPackError):
+    """A problem in an input file, located as `file:line` (or `file:row`)."""
+
+    def __init__(self, source: str | os.PathLike, line: int | None, message: str, unit: str = "") -> None:
+        self.source = str(source)
+        self.line = line
+        self.reason = message
+        where = self.source if line is None else f"{self.source}:{unit}{line}"
+        super().__init__(f"{where}: {message}")
+
+
+class ConfigError(SFTPackError):
+    """An option has a value sftpack cannot use; the message names the option."""
+
+
+class TokenizerError(SFTPackError):
+    """The tokenizer cannot be loaded or lacks what packing needs (EOS/BOS)."""
+
+
+class StoreError(SFTPackError):
+    """A packed store on disk is missing, incomplete, of an unknown version or corrupt."""

@@ -1,0 +1,311 @@
+"""One small interface over quicktok and Hugging Face tokenizers.
+
+The packer needs: ids for many texts at once (with each token's end position when loss
+masks are computed), the special tokens, BOS/EOS, the vocabulary size and a fingerprint
+of everything that decides the ids. `load_tokenizer` accepts a bundled name
+("llama3", "qwen3", "cl100k_base", "o200k_base"), a Hugging Face tokenizer object, a
+path to a HF tokenizer directory or tokenizer.json, or a quicktok encoding.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from .errors import ConfigError, TokenizerError
+
+DEFAULT_TOKENIZER = "llama3"
+# bundled quicktok encoding -> (BOS string or None, EOS string, chat template name)
+_BUNDLED = {
+    "llama3": ("<|begin_of_text|>", "<|end_of_text|>"),
+    "qwen3": (None, "<|endoftext|>"),
+    "cl100k_base": (None, "<|endoftext|>"),
+    "o200k_base": (None, "<|endoftext|>"),
+}
+# A fixed text whose ids capture the pre-tokenizer and merges in the fingerprint.
+_PROBE = "Hello, world! 123456 don't  \n\n\tcafé 日本語 🚀 x=1;y=[2]  "
+
+
+class Encoded:
+    """Ids of many texts: text i is `ids[offsets[i]:offsets[i+1]]`; `ends` (when asked
+    for) holds each token's end position inside its text, in the tokenizer's `unit`."""
+
+    __slots__ = ("ids", "offsets", "ends")
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray, ends: np.ndarray | None) -> None:
+        self.ids, self.offsets, self.ends = ids, offsets, ends
+
+
+class Tokenizer(ABC):
+    """What the packer needs from a tokenizer."""
+
+    name: str
+    bos_token: str | None
+    eos_token: str | None
+    bos_id: int | None
+    eos_id: int | None
+    adds_bos: bool
+    vocab_size: int
+    special_tokens: dict[str, int]
+    chat_template: str | None = None
+    unit: str = "byte"  # positions in `Encoded.ends`: "byte" (UTF-8) or "char"
+    # True when encoding pieces cut at special tokens gives the joined string's ids.
+    per_piece_exact: bool = True
+    summary: str = ""
+
+    @abstractmethod
+    def encode(self, texts: Sequence[str], *, positions: bool = False) -> Encoded:
+        """Encode plain texts (special-token strings are text here, never parsed)."""
+
+    def encode_in_context(self, texts: Sequence[str], first: bool, *, positions: bool = False) -> Encoded:
+        """Encode whole documents exactly as inside the joined stream (specials parsed):
+        each as if preceded by the EOS+BOS delimiter, or at the stream start if `first`."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    @abstractmethod
+    def fingerprint(self) -> str: ...
+
+    @cached_property
+    def special_pattern(self) -> re.Pattern[str] | None:
+        if not self.special_tokens:
+            return None
+        alternatives = sorted(self.special_tokens, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, alternatives)))
+
+    def check_delimiters(self) -> None:
+        if self.eos_id is None and self.bos_id is None:
+            raise TokenizerError(
+                f"tokenizer {self.name!r} has neither an EOS nor a BOS token; documents cannot be delimited"
+            )
+
+    @property
+    def delimiter(self) -> list[int]:
+        """Ids inserted between documents: EOS then BOS (whichever exist)."""
+        return [i for i in (self.eos_id, self.bos_id if self.adds_bos else None) if i is not None]
+
+
+class QuicktokTokenizer(Tokenizer):
+    """quicktok: exact byte-level BPE, batched on native threads (the fast path)."""
+
+    def __init__(self, encoding: Any, *, bos_token: str | None = None, eos_token: str | None = None,
+                 chat_template: str | None = None, threads: int = 0) -> None:
+        import quicktok
+
+        if isinstance(encoding, str):
+            try:
+                encoding = quicktok.get_encoding(encoding)
+            except (RuntimeError, KeyError) as exc:
+                raise TokenizerError(f"quicktok has no encoding {encoding!r}: {exc}") from None
+        self._enc = encoding
+        self.name = encoding.name
+        self.threads = threads
+        self.special_tokens = {s: encoding.encode_single_token(s) for s in encoding.special_tokens_set}
+        if bos_token is None and eos_token is None and self.name in _BUNDLED:
+            bos_token, eos_token = _BUNDLED[self.name]
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id = self.special_tokens.get(bos_token) if bos_token else None
+        self.eos_id = self.special_tokens.get(eos_token) if eos_token else None
+        self.adds_bos = self.bos_id is not None
+        self.vocab_size = int(encoding.n_vocab)
+        if chat_template is None and self.name == "llama3":
+            from .templates import LLAMA3_CHAT_TEMPLATE
+
+            chat_template = LLAMA3_CHAT_TEMPLATE
+        self.chat_template = chat_template
+        self.check_delimiters()
+
+    @cached_property
+    def _token_nbytes(self) -> np.ndarray:
+        table = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            try:
+                table[i] = len(self._enc.decode_single_token_bytes(i))
+            except KeyError:
+                pass
+        return table
+
+    def encode(self, texts: Sequence[str], *, positions: bool = False) -> Encoded:
+        ids, offsets = self._enc.encode_batch(list(texts), self.threads, False)
+        ends = None
+        if positions:
+            cum = np.cumsum(self._token_nbytes[ids])
+            starts = np.concatenate(([0], cum))[offsets[:-1]]
+            ends = cum - np.repeat(starts, np.diff(offsets))
+        return Encoded(ids, offsets, ends)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._enc.decode([int(i) for i in ids])
+
+    def fingerprint(self) -> str:
+        h = xxhash.xxh3_128()
+        for i in range(self.vocab_size):
+            try:
+                h.update(self._enc.decode_single_token_bytes(i))
+            except KeyError:
+                h.update(b"<none>")
+            h.update(b"\0")
+        h.update(repr(sorted(self.special_tokens.items())).encode())
+        h.update(repr(self._enc.encode_ordinary(_PROBE)).encode())
+        h.update(repr((self.bos_token, self.eos_token, self.adds_bos)).encode())
+        return h.hexdigest()
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer (fast or slow). Per-piece encoding is used when a probe
+    shows it equals the joined string (byte-level BPE); otherwise each document is encoded
+    behind the delimiter it follows in the stream, which keeps the joined-string result
+    for SentencePiece-style tokenizers that add a prefix space per segment."""
+
+    unit = "char"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self.name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        self.bos_token, self.eos_token = tokenizer.bos_token, tokenizer.eos_token
+        self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.check_delimiters()
+        first = tokenizer("a")["input_ids"]
+        self.adds_bos = self.bos_id is not None and bool(first) and first[0] == self.bos_id
+        self.vocab_size = len(tokenizer)
+        self.special_tokens = {
+            t: tokenizer.convert_tokens_to_ids(t) for t in getattr(tokenizer, "all_special_tokens", [])
+        }
+        for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+            if getattr(added, "special", False):
+                self.special_tokens[str(added)] = int(token_id)
+        self.chat_template = getattr(tokenizer, "chat_template", None)
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        if self._backend is not None:
+            from tokenizers import Tokenizer as RawTokenizer
+
+            self._plain = RawTokenizer.from_str(self._backend.to_str())
+            self._plain.encode_special_tokens = True
+            self._plain.no_padding()
+            self._plain.no_truncation()
+        self._delim_text = "".join(t for t in (self.eos_token, self.bos_token if self.adds_bos else None) if t)
+        self.per_piece_exact = self._backend is not None and self._probe_per_piece()
+
+    def _probe_per_piece(self) -> bool:
+        docs = ["Hello world.", " leading space", "two\nlines", "x", _PROBE]
+        joined = self._encode_specials([self._delim_text.join(docs)])[0]
+        pieces: list[int] = []
+        for i, doc in enumerate(docs):
+            if i:
+                pieces.extend(self.delimiter)
+            pieces.extend(int(t) for t in self.encode([doc]).ids)
+        return pieces == joined
+
+    def _encode_specials(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(ids) for ids in self._tok(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def encode(self, texts: Sequence[str], *, positions: bool = False) -> Encoded:
+        if self._backend is None:
+            raise TokenizerError("per-piece encoding needs a fast (tokenizers-backed) tokenizer")
+        encodings = self._plain.encode_batch_fast(list(texts), add_special_tokens=False) if not positions \
+            else self._plain.encode_batch(list(texts), add_special_tokens=False)
+        return _pack_encodings([e.ids for e in encodings], [e.offsets for e in encodings] if positions else None, 0)
+
+    def encode_in_context(self, texts: Sequence[str], first: bool, *, positions: bool = False) -> Encoded:
+        prefix = "" if first else self._delim_text
+        skip = 0 if first else len(self.delimiter)
+        full = [prefix + t for t in texts]
+        if positions:
+            if self._backend is None:
+                raise ConfigError(
+                    "loss masks (train_on_prompt=False) need token offsets, which a slow tokenizer lacks; "
+                    "use the fast version of this tokenizer"
+                )
+            encodings = self._backend.encode_batch(full, add_special_tokens=False)
+            id_lists, offs = [e.ids for e in encodings], [e.offsets for e in encodings]
+        else:
+            id_lists, offs = self._encode_specials(full), None
+        for ids in id_lists:
+            if list(ids[:skip]) != self.delimiter[:skip]:
+                raise TokenizerError(f"tokenizer {self.name!r} does not encode its EOS/BOS strings as single ids")
+        if offs is not None:
+            offs = [o[skip:] for o in offs]
+        return _pack_encodings([ids[skip:] for ids in id_lists], offs, len(prefix))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def fingerprint(self) -> str:
+        h = xxhash.xxh3_128()
+        if self._backend is not None:
+            h.update(self._backend.to_str().encode())
+        else:
+            try:
+                vocab = sorted(self._tok.get_vocab().items())
+            except (AttributeError, NotImplementedError) as exc:
+                raise TokenizerError(f"cannot fingerprint tokenizer {self.name!r}: {exc}") from None
+            h.update(repr(vocab).encode())
+            h.update(repr(self._tok(_PROBE, add_special_tokens=False)["input_ids"]).encode())
+        h.update(repr(sorted(self.special_tokens.items())).encode())
+        h.update(repr((self.bos_token, self.eos_token, self.adds_bos, self.chat_template)).encode())
+        return h.hexdigest()
+
+
+def _pack_encodings(id_lists: Sequence[Sequence[int]], offsets: Sequence[Sequence[tuple[int, int]]] | None,
+                    shift: int) -> Encoded:
+    lengths = np.fromiter((len(ids) for ids in id_lists), dtype=np.int64, count=len(id_lists))
+    bounds = np.zeros(len(id_lists) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=bounds[1:])
+    ids = np.fromiter((t for seq in id_lists for t in seq), dtype=np.int64, count=int(bounds[-1]))
+    ends = None
+    if offsets is not None:
+        ends = np.fromiter((e for seq in offsets for _, e in seq), dtype=np.int64, count=int(bounds[-1])) - shift
+        # A token's end never precedes the previous token's (SentencePiece prefix tokens are empty).
+        ends = np.maximum(ends, 0)
+    return Encoded(ids, bounds, ends)
+
+
+def load_tokenizer(spec: Any = None, *, threads: int = 0) -> Tokenizer:
+    """Resolve any accepted tokenizer form to a `Tokenizer`."""
+    if spec is None:
+        spec = DEFAULT_TOKENIZER
+    if isinstance(spec, Tokenizer):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        text = os.fspath(spec)
+        if text in _BUNDLED or (not os.path.exists(text) and "/" not in text and os.sep not in text):
+            return QuicktokTokenizer(text, threads=threads)
+        if not os.path.exists(text):
+            raise TokenizerError(
+                f"tokenizer {text!r} is neither a bundled name ({', '.join(_BUNDLED)}) nor an existing path"
+            )
+        return HFTokenizer(_load_hf(text))
+    if type(spec).__module__.startswith("quicktok"):
+        return QuicktokTokenizer(spec, threads=threads)
+    if hasattr(spec, "convert_tokens_to_ids") and callable(spec):
+        return HFTokenizer(spec)
+    raise TokenizerError(f"unsupported tokenizer object of type {type(spec).__name__}")
+
+
+def _load_hf(path: str) -> Any:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    try:
+        if os.path.isdir(path) or os.path.exists(os.path.join(directory, "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        tok = PreTrainedTokenizerFast(tokenizer_file=path)
+    except (OSError, ValueError) as exc:
+        raise TokenizerError(f"cannot load a Hugging Face tokenizer from {path}: {exc}") from None
+    added = {t.content for t in tok.added_tokens_decoder.values()}
+    for attr, names in (("eos_token", ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|im_end|>")),
+                        ("bos_token", ("<|begin_of_text|>", "<s>", "<bos>"))):
+        for name in names:
+            if name in added:
+                setattr(tok, attr, name)
+                break
+    return tok
