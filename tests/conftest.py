@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import sys
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "cs336"
 
@@ -26,30 +30,10 @@ def conformance() -> Path:
 
 @pytest.fixture(scope="session")
 def hf_llama3():
-    """The Meta-Llama-3 HF tokenizer, rebuilt from quicktok's bundled ranks with
-    transformers' TikTokenConverter (special tokens parsed in text, BOS prepended)."""
-    import quicktok
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    """The Meta-Llama-3 HF tokenizer, rebuilt offline (see tests/hf_llama3.py)."""
+    from hf_llama3 import build_hf_llama3
 
-    enc = quicktok.get_encoding("llama3")
-    ranks = {enc.decode_single_token_bytes(i): i for i in range(128000)}
-    specials = sorted(enc.special_tokens_set, key=enc.encode_single_token)
-
-    class FromRanks(TikTokenConverter):
-        def load_tiktoken_bpe(self, _url):
-            return ranks
-
-    backend = FromRanks(vocab_file="llama3", extra_special_tokens=specials).converted()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A",
-        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-        special_tokens=[("<|begin_of_text|>", 128000)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"
-    )
+    return build_hf_llama3()
 
 
 @pytest.fixture

@@ -15,9 +15,15 @@ def _expected(conformance):
         return json.load(f)
 
 
-@pytest.mark.parametrize("route", ["bundled", "hf"])
+@pytest.mark.parametrize("route", ["bundled", "hf", "hf-unaccelerated"])
 def test_conformance_fixture_is_reproduced_exactly(conformance, hf_llama3, route):
-    tokenizer = "llama3" if route == "bundled" else hf_llama3
+    from sftpack.tokenizers import load_tokenizer
+
+    tokenizer = {
+        "bundled": "llama3",
+        "hf": hf_llama3,
+        "hf-unaccelerated": load_tokenizer(hf_llama3, accelerate=False),
+    }[route]
     ds = PackedSFTDataset(tokenizer, conformance / "sft_sample.jsonl", seq_length=32, shuffle=False)
     expected = _expected(conformance)
     assert len(ds) == len(expected) == 75
@@ -27,6 +33,8 @@ def test_conformance_fixture_is_reproduced_exactly(conformance, hf_llama3, route
         assert got["input_ids"].tolist() == item["input_ids"], f"row {i} input_ids"
         assert got["labels"].tolist() == item["labels"], f"row {i} labels"
     assert ds.summary.tokens == 2430
+    if route == "hf":  # a byte-level BPE HF tokenizer is served by quicktok after a sample check
+        assert "encoded by quicktok, identical on 5 sample texts" in ds.summary.tokenizer
 
 
 def test_template_file_matches_the_bundled_alpaca(conformance):

@@ -32,10 +32,11 @@ from .records import Inputs, Record, RecordReader, expand_inputs, fingerprint_in
 from .store import MANIFEST, VERSION, StoreWriter, read_manifest, token_dtype
 from .templates import Rendered, Schema, Template, make_template
 from .tokenize import encode_documents
-from .tokenizers import Tokenizer, load_tokenizer
+from .tokenizers import AcceleratedTokenizer, Tokenizer, load_tokenizer
 
 BATCH_CHARS = 4 << 20  # rendered characters per tokenizer call
 GATHER_TOKENS = 1 << 23  # tokens per chunk when writing shuffled units
+SAMPLE_DOCS = 256  # documents on which quicktok must match a HF tokenizer before serving it
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,9 @@ def build(
                else "encoded as plain text"),
             stacklevel=2,
         )
-    return _summary(out, manifest, time.perf_counter() - started, reused=False)
+    summary = _summary(out, manifest, time.perf_counter() - started, reused=False)
+    summary.tokenizer = tok.summary or tok.name
+    return summary
 
 
 def _summary(path: Path, manifest: dict[str, Any], seconds: float, reused: bool) -> BuildSummary:
@@ -315,8 +318,12 @@ def _encode_all(reader: RecordReader, tok: Tokenizer, schema: Schema, template: 
     bar = _progress_bar(reader.total_bytes, progress)
     special_docs = 0
     first = not opts.shuffle
+    first_batch = True
     try:
         for records, docs in _prefetch(_batches(reader, schema, template)):
+            if first_batch and isinstance(tok, AcceleratedTokenizer):
+                tok.check_sample([d.text for d in docs[:SAMPLE_DOCS]])
+            first_batch = False
             batch = encode_documents(
                 tok,
                 docs,
