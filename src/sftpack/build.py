@@ -250,14 +250,18 @@ def _summary(path: Path, manifest: dict[str, Any], seconds: float, reused: bool)
 
 def _render(record: Record, schema: Schema, kind: str, template: Template) -> Rendered:
     try:
-        rendered = template.render(schema.turns(record, kind))
+        return template.render(schema.turns(record, kind))
     except ConfigError as exc:
         raise record.error(str(exc)) from None
-    try:
-        rendered.text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise record.error(f"text cannot be encoded as UTF-8 ({exc.reason}, a lone surrogate?)") from None
-    return rendered
+
+
+def _check_encodable(records: list[Record], docs: list[Rendered]) -> None:
+    """Name the record whose text is not valid Unicode (tokenizers reject lone surrogates)."""
+    for record, doc in zip(records, docs):
+        try:
+            doc.text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise record.error(f"text cannot be encoded as UTF-8 ({exc.reason}: a lone surrogate?)") from None
 
 
 def _batches(reader: RecordReader, schema: Schema, template: Template) -> Iterator[tuple[list[Record], list[Rendered]]]:
@@ -321,16 +325,20 @@ def _encode_all(reader: RecordReader, tok: Tokenizer, schema: Schema, template: 
     first_batch = True
     try:
         for records, docs in _prefetch(_batches(reader, schema, template)):
-            if first_batch and isinstance(tok, AcceleratedTokenizer):
-                tok.check_sample([d.text for d in docs[:SAMPLE_DOCS]])
-            first_batch = False
-            batch = encode_documents(
-                tok,
-                docs,
-                train_on_prompt=opts.train_on_prompt,
-                parse_specials=opts.special_tokens == "parse",
-                first_in_stream=first,
-            )
+            try:
+                if first_batch and isinstance(tok, AcceleratedTokenizer):
+                    tok.check_sample([d.text for d in docs[:SAMPLE_DOCS]])
+                first_batch = False
+                batch = encode_documents(
+                    tok,
+                    docs,
+                    train_on_prompt=opts.train_on_prompt,
+                    parse_specials=opts.special_tokens == "parse",
+                    first_in_stream=first,
+                )
+            except Exception:
+                _check_encodable(records, docs)  # raises the located error when that is the cause
+                raise
             first = False
             _check_ids(batch.tokens, batch.unit_lengths, records, tok.vocab_size)
             writer.append(batch.tokens, batch.mask, batch.unit_lengths)

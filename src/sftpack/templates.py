@@ -61,15 +61,14 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 
-@dataclass(frozen=True)
 class Rendered:
     """One document: its text, the trained spans, the user-content spans, and whether the
     delimiter EOS that closes it is trained (for prompt templates: the model must learn to stop)."""
 
-    text: str
-    trained: tuple[Span, ...]
-    content: tuple[Span, ...]
-    train_eos: bool
+    __slots__ = ("text", "trained", "content", "train_eos")
+
+    def __init__(self, text: str, trained: tuple[Span, ...], content: tuple[Span, ...], train_eos: bool) -> None:
+        self.text, self.trained, self.content, self.train_eos = text, trained, content, train_eos
 
 
 # --------------------------------------------------------------------------- schemas
@@ -188,11 +187,21 @@ class PromptTemplate:
                 "a template string needs exactly one {prompt} (or {instruction}) and one {response} placeholder"
             )
         self.source = source
+        self._simple = self.slots == ["prompt", "response"]
 
     def fingerprint(self) -> str:
         return "prompt:" + xxhash.xxh3_64_hexdigest(self.source.encode())
 
     def render(self, turns: Turns) -> Rendered:
+        if self._simple and len(turns) == 2 and turns[0][0] == "user" and turns[1][0] == "assistant":
+            # the common case, without the general loop
+            lit = self.literals
+            prompt, response = turns[0][1], turns[1][1]
+            p0 = len(lit[0])
+            r0 = p0 + len(prompt) + len(lit[1])
+            r1 = r0 + len(response)
+            text = lit[0] + prompt + lit[1] + response + lit[2]
+            return Rendered(text, ((r0, r1),), ((p0, p0 + len(prompt)), (r0, r1)), True)
         values: dict[str, str] = {}
         for role, text in turns:
             slot = {"user": "prompt", "assistant": "response", "system": "system"}[role]

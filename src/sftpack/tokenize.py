@@ -45,6 +45,8 @@ def encode_documents(
 ) -> EncodedBatch:
     """Encode a batch of documents into units (see the module docstring)."""
     pattern = tok.special_pattern
+    if train_on_prompt and tok.per_piece_exact and (pattern is None or not any(pattern.search(d.text) for d in docs)):
+        return _encode_plain(tok, docs)
     special_ids = tok.special_tokens
     bos = tok.bos_id if tok.adds_bos else None
     eos = tok.eos_id
@@ -115,6 +117,29 @@ def encode_documents(
     else:
         mask = _mask(tok, docs, enc, kind, value, starts, ends, item_len, doc_of_item, texts)
     return EncodedBatch(tokens, mask, unit_lengths, special_docs)
+
+
+def _encode_plain(tok: Tokenizer, docs: Sequence[Rendered]) -> EncodedBatch:
+    """The common case, fully vectorised: no special-token string anywhere, no loss mask."""
+    enc = tok.encode([d.text for d in docs])
+    head = [tok.bos_id] if tok.adds_bos else []
+    tail = [tok.eos_id] if tok.eos_id is not None else []
+    extra = len(head) + len(tail)
+    lengths = np.diff(enc.offsets) + extra
+    n = len(docs)
+    tokens = np.empty(len(enc.ids) + extra * n, dtype=enc.ids.dtype)
+    unit_start = enc.offsets[:-1] + extra * np.arange(n)
+    if head:
+        tokens[unit_start] = head[0]
+    if tail:
+        tokens[unit_start + lengths - 1] = tail[0]
+    keep = np.ones(len(tokens), dtype=bool)
+    if head:
+        keep[unit_start] = False
+    if tail:
+        keep[unit_start + lengths - 1] = False
+    tokens[keep] = enc.ids
+    return EncodedBatch(tokens, np.ones(len(tokens), dtype=np.uint8), lengths.astype(np.int64), 0)
 
 
 def _inside(pos: int, spans: Sequence[Span]) -> bool:
