@@ -1,6 +1,7 @@
 """sftpack: supervised fine-tuning data packed into fixed-length training sequences.
 
-`import sftpack` stays light: the torch-facing names load torch on first use.
+`import sftpack` stays light: the torch-facing names load torch on first use. The
+build pipeline is `sftpack.build.build` (the module `sftpack.build`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ _LAZY = {
     "iterate_batches": "loader",
     "collate": "loader",
     "collate_flattened": "loader",
-    "build": "build",
     "BuildOptions": "build",
     "BuildSummary": "build",
     "load_tokenizer": "tokenizers",
@@ -30,7 +30,6 @@ __all__ = [
     "iterate_batches",
     "collate",
     "collate_flattened",
-    "build",
     "BuildOptions",
     "BuildSummary",
     "load_tokenizer",

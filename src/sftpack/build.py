@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from . import __version__
 from .errors import ConfigError, SFTPackError
 from .pack import dropped_tail, num_rows
 from .records import Inputs, Record, RecordReader, expand_inputs, fingerprint_inputs
-from .store import MANIFEST, VERSION, StoreWriter, read_manifest, token_dtype
+from .store import MANIFEST, VERSION, StoreWriter, clean_stale, open_store, token_dtype
 from .templates import Rendered, Schema, Template, make_template
 from .tokenize import encode_documents
 from .tokenizers import AcceleratedTokenizer, Tokenizer, load_tokenizer
@@ -159,7 +159,9 @@ def build(
     started = time.perf_counter()
     options.validate()
     if options.shuffle and options.seed is None:
-        options = BuildOptions(**{**asdict(options), "seed": secrets.randbits(63)})
+        options = replace(options, seed=secrets.randbits(63))
+    elif not options.shuffle and options.seed is not None:
+        options = replace(options, seed=None)  # the seed means nothing unshuffled: keep caches shared
     paths = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer, threads=workers)
     schema = Schema(options.schema, options.fields)
@@ -173,13 +175,14 @@ def build(
     )
     fp = fingerprint(paths, tok, template, schema, options)
     out = Path(out) if out is not None else Path(cache_dir) / fp  # type: ignore[arg-type]
+    clean_stale(out)
     if not force and (out / MANIFEST).is_file():
         try:
-            manifest = read_manifest(out)
+            store = open_store(out)  # sizes checked: a damaged store is rebuilt, not reused
         except SFTPackError:
-            manifest = {}
-        if manifest.get("fingerprint") == fp:
-            return _summary(out, manifest, time.perf_counter() - started, reused=True)
+            store = None
+        if store is not None and store.manifest.get("fingerprint") == fp:
+            return _summary(out, store.manifest, time.perf_counter() - started, reused=True)
 
     reader = RecordReader(paths)
     with StoreWriter(out, token_dtype(tok.vocab_size)) as writer:
@@ -189,6 +192,11 @@ def build(
         drop = 1 if tok.eos_id is not None else 0
         n_tokens = writer.n_tokens - drop
         rows, supervised, empty_rows = _supervision(writer, n_tokens, options.seq_length)
+        if rows == 0:
+            raise ConfigError(
+                f"the dataset has {n_tokens} tokens, too few for one row of seq_length {options.seq_length} "
+                "(a row needs seq_length + 1 tokens); lower seq_length or add documents"
+            )
         if supervised == 0:
             raise ConfigError(
                 "no token of the dataset is supervised (every label is masked); check train_on_prompt and the template"

@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--row", type=int, default=0)
     i.add_argument("--tokenizer", default=None, help="override the tokenizer recorded in the store")
     i.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+
+    c = sub.add_parser("check-isolation",
+                       help="prove packed rows give the same per-token loss as documents run alone (tiny random Llama)")
+    c.add_argument("store")
+    c.add_argument("--rows", type=int, default=4)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--atol", type=float, default=1e-4)
     return p
 
 
@@ -71,6 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(render_row(args.store, args.row, tokenizer=args.tokenizer, color=args.color))
             return 0
+        if args.command == "check-isolation":
+            from .isolation import check_isolation
+
+            report = check_isolation(args.store, rows=args.rows, seed=args.seed, atol=args.atol)
+            print("\n".join(report.lines()))
+            return 0 if report.passed else 1
     except SFTPackError as exc:
         print(f"sftpack: error: {exc}", file=sys.stderr)
         return 2

@@ -85,7 +85,9 @@ class IsolationReport:
         ]
 
 
-def tiny_llama(vocab_size: int, max_positions: int, seed: int = 0, attn_implementation: str = ATTN_IMPLEMENTATION) -> Any:
+def tiny_llama(
+    vocab_size: int, max_positions: int, seed: int = 0, attn_implementation: str = ATTN_IMPLEMENTATION
+) -> Any:
     """A small randomly initialised `LlamaForCausalLM` (float32, CPU, eval mode, no cache)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -155,11 +155,16 @@ class RecordReader:
 
     def _json_array(self, path: Path) -> Iterator[Record]:
         source = str(path)
+        with open(path, "rb") as f:
+            raw = f.read()
         try:
-            with open(path, encoding="utf-8-sig") as f:
-                data = json.load(f)
+            text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            raise InputError(source, None, f"invalid UTF-8 at byte {exc.start}") from None
+            line = raw.count(b"\n", 0, exc.start) + 1
+            column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+            raise InputError(source, line, f"invalid UTF-8 at byte {column} of the line") from None
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InputError(source, exc.lineno, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
         if not isinstance(data, list):

@@ -204,6 +204,7 @@ class StoreWriter:
             }
             del arr
         manifest = {"format": FORMAT, "version": VERSION, **manifest, "files": files}
+        manifest["checksum"] = _manifest_checksum(manifest)
         tmp_manifest = self.tmp / (MANIFEST + ".part")
         with open(tmp_manifest, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
@@ -243,6 +244,11 @@ class Store:
         return self.doc_offsets[:-1]
 
 
+def _manifest_checksum(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return xxhash.xxh3_128_hexdigest(json.dumps(body, sort_keys=True).encode())
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     root = Path(path)
     file = root / MANIFEST
@@ -260,6 +266,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f"{file}: store format version {manifest.get('version')!r} is not supported "
             f"(this sftpack reads version {VERSION}); rebuild the store"
         )
+    if manifest.get("checksum") != _manifest_checksum(manifest):
+        raise StoreError(f"{file}: checksum mismatch (the manifest is corrupt or was edited)")
     return manifest
 
 

@@ -267,7 +267,7 @@ class ChatTemplate:
     def fingerprint(self) -> str:
         return f"chat:{xxhash.xxh3_64_hexdigest(self.source.encode())}:{self.last_turn_only}"
 
-    def render(self, turns: Turns) -> Rendered:
+    def _render(self, turns: Turns) -> str:
         from jinja2.exceptions import TemplateError
 
         messages = [{"role": role, "content": text} for role, text in turns]
@@ -279,36 +279,51 @@ class ChatTemplate:
             raise ConfigError(f"the chat template failed: {exc}") from None
         if self.bos_token and text.startswith(self.bos_token):
             text = text[len(self.bos_token) :]
-        content: list[Span] = []
-        trained: list[Span] = []
-        cursor = 0
-        last_assistant = max(i for i, (role, _) in enumerate(turns) if role == "assistant")
-        for i, (role, value) in enumerate(turns):
-            start, found = _locate(text, value, cursor)
-            if start < 0:
+        return text
+
+    def render(self, turns: Turns) -> Rendered:
+        # Where each turn's content lies is found structurally, not by searching for it: the
+        # template is rendered once with a unique marker in place of every content, and the
+        # real rendering is walked literal by literal against it.
+        text = self._render(turns)
+        markers = [f"\ue000{i}\ue001" for i in range(len(turns))]
+        marked = self._render([(role, markers[i]) for i, (role, _) in enumerate(turns)])
+        found = sorted((marked.find(m), i) for i, m in enumerate(markers) if m in marked)
+        spans: dict[int, Span] = {}
+        pos = mark_pos = 0
+        for k, (at, i) in enumerate(found):
+            literal = marked[mark_pos:at]
+            if not text.startswith(literal, pos):
+                raise ConfigError("the chat template renders differently depending on the message content")
+            pos += len(literal)
+            mark_pos = at + len(markers[i])
+            following = marked[mark_pos : found[k + 1][0] if k + 1 < len(found) else len(marked)]
+            value = turns[i][1]
+            for candidate in (value, value.strip(), value.lstrip(), value.rstrip()):
+                if text.startswith(candidate, pos) and text.startswith(following, pos + len(candidate)):
+                    spans[i] = (pos, pos + len(candidate))
+                    pos += len(candidate)
+                    break
+            else:
                 raise ConfigError(
                     f"the chat template changed the content of turn {i} beyond trimming; "
                     "cannot tell which characters are response text"
                 )
-            end = start + len(found)
-            content.append((start, end))
-            cursor = end
-            if role == "assistant" and (i == last_assistant or not self.last_turn_only):
-                stop = end
-                for special in self._specials:
-                    if text.startswith(special, end):
-                        stop = end + len(special)
-                        break
-                trained.append((start, stop))
-        return Rendered(text, tuple(trained), tuple(content), False)
-
-
-def _locate(text: str, value: str, cursor: int) -> tuple[int, str]:
-    start = text.find(value, cursor)
-    if start >= 0:
-        return start, value
-    stripped = value.strip()
-    return text.find(stripped, cursor), stripped
+        if text[pos:] != marked[mark_pos:]:
+            raise ConfigError("the chat template renders differently depending on the message content")
+        assistants = [i for i, (role, _) in enumerate(turns) if role == "assistant" and i in spans]
+        if not assistants:
+            raise ConfigError("the chat template does not render any assistant message")
+        trained: list[Span] = []
+        for i in assistants[-1:] if self.last_turn_only else assistants:
+            start, end = spans[i]
+            for special in self._specials:
+                if text.startswith(special, end):
+                    end += len(special)
+                    break
+            trained.append((start, end))
+        content = tuple(spans[i] for i in sorted(spans))
+        return Rendered(text, tuple(trained), content, False)
 
 
 Template = PromptTemplate | ChatTemplate

@@ -57,6 +57,7 @@ def encode_documents(
     ends: list[int] = []  # _ID items: end inside the text in chars; -1 for delimiters
     items_per_doc: list[int] = []
     texts: list[str] = []
+    as_text: list[bool] = []  # in-context documents whose special-token strings stay text
     special_docs = 0
 
     for doc in docs:
@@ -65,12 +66,13 @@ def encode_documents(
         if bos is not None:
             kinds.append(_ID), values.append(bos), starts.append(0), ends.append(-1)
         matches = list(pattern.finditer(text)) if pattern is not None else []
-        if matches and any(_inside(m.start(), doc.content) for m in matches):
-            special_docs += 1
+        injected = bool(matches) and any(_inside(m.start(), doc.content) for m in matches)
+        special_docs += injected
         if in_context:
             if text:
                 kinds.append(_TEXT), values.append(len(texts)), starts.append(0), ends.append(-1)
                 texts.append(text)
+                as_text.append(injected and not parse_specials)
         else:
             cursor = 0
             for m in matches:
@@ -91,9 +93,9 @@ def encode_documents(
     positions = not train_on_prompt
     if in_context:
         head = 1 if first_in_stream and texts and docs[0].text else 0
-        enc = tok.encode_in_context(texts[head:], False, positions=positions)
+        enc = tok.encode_in_context(texts[head:], False, positions=positions, as_text=as_text[head:])
         if head:
-            enc = _concat(tok.encode_in_context(texts[:1], True, positions=positions), enc)
+            enc = _concat(tok.encode_in_context(texts[:1], True, positions=positions, as_text=as_text[:1]), enc)
     else:
         enc = tok.encode(texts, positions=positions)
 

@@ -64,9 +64,11 @@ class Tokenizer(ABC):
     def encode(self, texts: Sequence[str], *, positions: bool = False) -> Encoded:
         """Encode plain texts (special-token strings are text here, never parsed)."""
 
-    def encode_in_context(self, texts: Sequence[str], first: bool, *, positions: bool = False) -> Encoded:
-        """Encode whole documents exactly as inside the joined stream (specials parsed):
-        each as if preceded by the EOS+BOS delimiter, or at the stream start if `first`."""
+    def encode_in_context(self, texts: Sequence[str], first: bool, *, positions: bool = False,
+                          as_text: Sequence[bool] | None = None) -> Encoded:
+        """Encode whole documents exactly as inside the joined stream (specials parsed, or
+        kept as text where `as_text`): each as if preceded by the EOS+BOS delimiter, or at
+        the stream start if `first`."""
         raise NotImplementedError
 
     @abstractmethod
@@ -215,26 +217,44 @@ class HFTokenizer(Tokenizer):
             else self._plain.encode_batch(list(texts), add_special_tokens=False)
         return _pack_encodings([e.ids for e in encodings], [e.offsets for e in encodings] if positions else None, 0)
 
-    def encode_in_context(self, texts: Sequence[str], first: bool, *, positions: bool = False) -> Encoded:
+    def encode_in_context(self, texts: Sequence[str], first: bool, *, positions: bool = False,
+                          as_text: Sequence[bool] | None = None) -> Encoded:
+        if not texts:
+            return Encoded(np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64),
+                           np.zeros(0, dtype=np.int64) if positions else None)
         prefix = "" if first else self._delim_text
         skip = 0 if first else len(self.delimiter)
         full = [prefix + t for t in texts]
-        if positions:
+        if positions or (as_text is not None and any(as_text)):
             if self._backend is None:
                 raise ConfigError(
-                    "loss masks (train_on_prompt=False) need token offsets, which a slow tokenizer lacks; "
-                    "use the fast version of this tokenizer"
+                    "loss masks (train_on_prompt=False) and special_tokens='text' need a fast "
+                    "(tokenizers-backed) version of this tokenizer"
                 )
             encodings = self._backend.encode_batch(full, add_special_tokens=False)
-            id_lists, offs = [e.ids for e in encodings], [e.offsets for e in encodings]
+            id_lists, offs = [list(e.ids) for e in encodings], [list(e.offsets) for e in encodings]
         else:
             id_lists, offs = self._encode_specials(full), None
         for ids in id_lists:
             if list(ids[:skip]) != self.delimiter[:skip]:
                 raise TokenizerError(f"tokenizer {self.name!r} does not encode its EOS/BOS strings as single ids")
+        id_lists = [ids[skip:] for ids in id_lists]
         if offs is not None:
             offs = [o[skip:] for o in offs]
-        return _pack_encodings([ids[skip:] for ids in id_lists], offs, len(prefix))
+        for i, plain in enumerate(as_text or ()):
+            if plain:
+                id_lists[i], offs[i] = self._plain_in_context(full[i], len(prefix))  # type: ignore[index]
+        return _pack_encodings(id_lists, offs if positions else None, len(prefix))
+
+    def _plain_in_context(self, full: str, prefix: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """`full[prefix:]` with special-token strings as text, behind the delimiter text when
+        no token straddles it (else alone); offsets stay relative to `full`."""
+        enc = self._plain.encode(full, add_special_tokens=False)
+        keep = [k for k, (start, _) in enumerate(enc.offsets) if start >= prefix]
+        if prefix and keep and any(end > prefix for start, end in enc.offsets[: keep[0]]):
+            enc = self._plain.encode(full[prefix:], add_special_tokens=False)
+            return list(enc.ids), [(s + prefix, e + prefix) for s, e in enc.offsets]
+        return [enc.ids[k] for k in keep], [enc.offsets[k] for k in keep]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -1,0 +1,121 @@
+"""Packed rows with restarting position_ids score every document as if it were alone."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sftpack import open_packed
+from sftpack.build import BuildOptions, build
+from sftpack.isolation import IsolationReport, check_isolation
+from sftpack.pack import row_span
+
+SEQ = 64
+TERSE = "Q: {prompt}\nA: {response}"  # short documents: many pieces per row
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu naïve café 東京 ok".split()
+
+
+def _records(n: int = 40, seed: int = 0, short: bool = False) -> list[dict]:
+    rng = random.Random(seed)
+    hi_p, hi_r = (4, 6) if short else (40, 70)
+    out = []
+    for _ in range(n):
+        out.append({
+            "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, hi_p))),
+            "response": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, hi_r))),
+        })
+    return out
+
+
+def _store(jsonl, tmp_path, name="store", short=False, **options):
+    path = jsonl(_records(short=short), name=f"{name}.jsonl")
+    summary = build(path, tmp_path / name, BuildOptions(seq_length=SEQ, **options), "llama3")
+    return summary.path
+
+
+def _expected_counts(path, rows):
+    """Pieces and compared tokens, derived from the store's offsets, tokens and mask."""
+    ds = open_packed(path)
+    starts = np.asarray(ds.store.doc_starts)
+    rows = min(rows, len(ds))
+    pieces = tokens = 0
+    for r in range(rows):
+        lo, hi = row_span(r, SEQ)
+        inside = starts[(starts > lo) & (starts < lo + SEQ)]
+        pieces += 1 + len(inside)
+        trained = np.asarray(ds.store.loss_mask[lo + 1 : hi]).astype(bool)
+        if ds.store.manifest["options"]["train_on_prompt"]:
+            trained[:] = True
+        crossing = np.isin(np.arange(lo + 1, hi), starts)  # target is a document's first token
+        tokens += int((trained & ~crossing).sum())
+    return rows, pieces, tokens
+
+
+@pytest.mark.parametrize("train_on_prompt", [True, False])
+def test_packed_rows_match_documents_run_alone(jsonl, tmp_path, train_on_prompt):
+    path = _store(jsonl, tmp_path, boundaries=True, train_on_prompt=train_on_prompt)
+    report = check_isolation(path)
+    assert isinstance(report, IsolationReport)
+    assert report.passed, report.lines()
+    assert report.max_abs_diff <= report.atol == 1e-4
+    assert report.max_abs_logit_diff <= 1e-4
+    assert (report.rows, report.pieces, report.tokens) == _expected_counts(path, 4)
+    assert report.pieces > report.rows  # the rows checked do hold several documents
+
+
+def test_every_row_of_short_documents(jsonl, tmp_path):
+    path = _store(jsonl, tmp_path, short=True, template=TERSE, boundaries=True)
+    ds = open_packed(path)
+    report = check_isolation(path, rows=len(ds), seed=3)
+    assert report.passed, report.lines()
+    assert (report.rows, report.pieces, report.tokens) == _expected_counts(path, len(ds))
+    assert report.pieces >= 3 * report.rows  # several pieces per row, continuing ones included
+    assert any(int(ds[r]["position_ids"][0]) > 0 for r in range(len(ds)))  # continuing pieces were checked
+
+
+def test_negative_control_without_position_ids_fails(jsonl, tmp_path):
+    path = _store(jsonl, tmp_path, boundaries=True)
+    good = check_isolation(path)
+    bad = check_isolation(path, packed_positions=False)
+    assert good.passed and not bad.passed
+    assert bad.max_abs_diff > 100 * bad.atol
+    assert (bad.rows, bad.pieces, bad.tokens) == (good.rows, good.pieces, good.tokens)
+    later = [p for p in bad.details if p.index > 0 and p.tokens > 0]
+    assert later, "the rows checked must hold pieces after the first"
+    # Pieces after the first see the documents before them; the first piece of a row sees
+    # nothing else (it only gets positions 0.. instead of its own, which RoPE ignores).
+    assert all(p.max_abs_diff > 10 * bad.atol for p in later)
+    assert all(p.max_abs_diff <= bad.atol for p in bad.details if p.index == 0)
+
+
+def test_store_without_boundaries_and_eager_attention(jsonl, tmp_path):
+    with_b = _store(jsonl, tmp_path, name="b", boundaries=True)
+    without = _store(jsonl, tmp_path, name="nob", boundaries=False)
+    a = check_isolation(with_b, rows=6)
+    b = check_isolation(without, rows=6, attn_implementation="eager")
+    assert a.passed and b.passed
+    assert (a.rows, a.pieces, a.tokens) == (b.rows, b.pieces, b.tokens)
+    assert [(p.row, p.start, p.length) for p in a.details] == [(p.row, p.start, p.length) for p in b.details]
+
+
+def test_mask_cross_document_store(jsonl, tmp_path):
+    path = _store(jsonl, tmp_path, boundaries=True, mask_cross_document=True)
+    report = check_isolation(path)
+    assert report.passed
+    assert report.tokens == _expected_counts(path, 4)[2]
+
+
+def test_rows_beyond_the_store_are_clamped(jsonl, tmp_path):
+    path = _store(jsonl, tmp_path, boundaries=True)
+    n = len(open_packed(path))
+    report = check_isolation(path, rows=n + 5)
+    assert report.rows == n and report.passed
+
+
+def test_module_imports_without_torch():
+    code = "import sys, sftpack.isolation; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
