@@ -368,7 +368,8 @@ def _check_ids(tokens: np.ndarray, unit_lengths: np.ndarray, records: list[Recor
 
 def _write_shuffled(writer: StoreWriter, seed: int | None, tok: Tokenizer, reader: RecordReader, schema: Schema,
                     template: Template, opts: BuildOptions) -> None:
-    tokens, mask, offsets = writer.stage()
+    staged = writer.stage()
+    offsets = np.load(staged["doc_offsets"], allow_pickle=False)
     n_docs = len(offsets) - 1
     order = np.random.default_rng(seed).permutation(n_docs)
     lengths = np.diff(offsets)[order]
@@ -385,9 +386,12 @@ def _write_shuffled(writer: StoreWriter, seed: int | None, tok: Tokenizer, reade
         chunk, chunk_lengths = order[cut:stop], lengths[cut:stop]
         idx = np.repeat(offsets[chunk] - np.concatenate(([0], np.cumsum(chunk_lengths)[:-1])), chunk_lengths)
         idx += np.arange(int(chunk_lengths.sum()))
-        writer.append(np.asarray(tokens[idx]), np.asarray(mask[idx]), chunk_lengths)
+        # Mapped afresh per chunk: pages touched by a mapping count in RSS until it is dropped.
+        tokens = np.load(staged["tokens"], mmap_mode="r", allow_pickle=False)
+        mask = np.load(staged["loss_mask"], mmap_mode="r", allow_pickle=False)
+        writer.append(tokens[idx], mask[idx], chunk_lengths)
+        del tokens, mask
         cut = stop
-    del tokens, mask
 
 
 def _first_unit(reader: RecordReader, schema: Schema, template: Template, opts: BuildOptions, tok: Tokenizer,
@@ -405,16 +409,16 @@ def _first_unit(reader: RecordReader, schema: Schema, template: Template, opts: 
 def _supervision(writer: StoreWriter, n_tokens: int, seq_length: int) -> tuple[int, int, int]:
     """(rows, supervised label tokens in rows, rows whose labels are all masked)."""
     rows = num_rows(n_tokens, seq_length)
-    mask = writer.loss_mask()
     supervised = empty = 0
     step = max(1, (1 << 24) // seq_length)
     for r in range(0, rows, step):
         r_end = min(rows, r + step)
+        mask = writer.loss_mask()  # mapped afresh per chunk, so RSS stays bounded
         labels = np.asarray(mask[r * seq_length + 1 : r_end * seq_length + 1]).reshape(r_end - r, seq_length)
+        del mask
         per_row = labels.sum(axis=1, dtype=np.int64)
         supervised += int(per_row.sum())
         empty += int((per_row == 0).sum())
-    del mask
     return rows, supervised, empty
 
 

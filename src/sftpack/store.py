@@ -155,21 +155,20 @@ class StoreWriter:
         self.n_tokens += int(len(tokens))
         self.n_docs += len(unit_lengths)
 
-    def stage(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Set aside what was appended (as `staged_*` files, memory-mapped and returned)
-        and start empty arrays, for a pass that writes the units in another order."""
-        mapped = []
-        for name in ("_tokens", "_mask", "_offsets"):
+    def stage(self) -> dict[str, Path]:
+        """Set aside what was appended (as finished `staged_*.npy` files, whose paths are
+        returned) and start empty arrays, for a pass that writes the units in another order."""
+        staged = {}
+        for key, name in (("tokens", "_tokens"), ("loss_mask", "_mask"), ("doc_offsets", "_offsets")):
             appender: _Appender = getattr(self, name)
             appender.close()
-            staged = appender.path.with_name("staged_" + appender.path.name)
-            os.replace(appender.path, staged)
-            mapped.append(np.load(staged, mmap_mode="r", allow_pickle=False))
+            staged[key] = appender.path.with_name("staged_" + appender.path.name)
+            os.replace(appender.path, staged[key])
             setattr(self, name, _Appender(appender.path, appender.dtype))
         self._offsets.append(np.zeros(1, dtype=np.int64))
         self.n_tokens = 0
         self.n_docs = 0
-        return mapped[0], mapped[1], mapped[2]
+        return staged
 
     def loss_mask(self) -> np.ndarray:
         """The loss mask appended so far, memory-mapped read-only."""
