@@ -45,8 +45,8 @@ def encode_documents(
 ) -> EncodedBatch:
     """Encode a batch of documents into units (see the module docstring)."""
     pattern = tok.special_pattern
-    if train_on_prompt and tok.per_piece_exact and (pattern is None or not any(pattern.search(d.text) for d in docs)):
-        return _encode_plain(tok, docs)
+    if tok.per_piece_exact and (pattern is None or not any(pattern.search(d.text) for d in docs)):
+        return _encode_plain(tok, docs, train_on_prompt)
     special_ids = tok.special_tokens
     bos = tok.bos_id if tok.adds_bos else None
     eos = tok.eos_id
@@ -117,31 +117,42 @@ def encode_documents(
     if train_on_prompt:
         mask = np.ones(len(tokens), dtype=np.uint8)
     else:
-        mask = _mask(tok, docs, enc, kind, value, starts, ends, item_len, doc_of_item, texts)
+        mask = _mask(tok, docs, enc, kind, value, starts, ends, item_len, doc_of_item)
     return EncodedBatch(tokens, mask, unit_lengths, special_docs)
 
 
-def _encode_plain(tok: Tokenizer, docs: Sequence[Rendered]) -> EncodedBatch:
-    """The common case, fully vectorised: no special-token string anywhere, no loss mask."""
-    enc = tok.encode([d.text for d in docs])
-    head = [tok.bos_id] if tok.adds_bos else []
-    tail = [tok.eos_id] if tok.eos_id is not None else []
-    extra = len(head) + len(tail)
-    lengths = np.diff(enc.offsets) + extra
+def _encode_plain(tok: Tokenizer, docs: Sequence[Rendered], train_on_prompt: bool) -> EncodedBatch:
+    """The common case, vectorised: no special-token string anywhere, one text piece per document."""
     n = len(docs)
-    tokens = np.empty(len(enc.ids) + extra * n, dtype=enc.ids.dtype)
-    unit_start = enc.offsets[:-1] + extra * np.arange(n)
-    if head:
-        tokens[unit_start] = head[0]
-    if tail:
-        tokens[unit_start + lengths - 1] = tail[0]
-    keep = np.ones(len(tokens), dtype=bool)
-    if head:
-        keep[unit_start] = False
-    if tail:
-        keep[unit_start + lengths - 1] = False
-    tokens[keep] = enc.ids
-    return EncodedBatch(tokens, np.ones(len(tokens), dtype=np.uint8), lengths.astype(np.int64), 0)
+    enc = tok.encode([d.text for d in docs], positions=not train_on_prompt)
+    slots = ([tok.bos_id] if tok.adds_bos else []) + [None] + ([tok.eos_id] if tok.eos_id is not None else [])
+    text_slot = slots.index(None)
+    k = len(slots)
+    seg_lens = np.diff(enc.offsets)
+    item_len = np.ones((n, k), dtype=np.int64)
+    item_len[:, text_slot] = seg_lens
+    unit_lengths = item_len.sum(axis=1)
+    unit_start = np.concatenate(([0], np.cumsum(unit_lengths)[:-1]))
+    tokens = np.empty(int(unit_lengths.sum()), dtype=enc.ids.dtype)
+    is_delim = np.ones(len(tokens), dtype=bool)
+    for slot, token in enumerate(slots):
+        first = unit_start + item_len[:, :slot].sum(axis=1)
+        if token is not None:
+            tokens[first] = token
+    is_delim[np.repeat(unit_start + text_slot - enc.offsets[:-1], seg_lens) + np.arange(len(enc.ids))] = False
+    tokens[~is_delim] = enc.ids
+    if train_on_prompt:
+        return EncodedBatch(tokens, np.ones(len(tokens), dtype=np.uint8), unit_lengths, 0)
+    kind = np.tile(np.asarray([_ID if t is not None else _TEXT for t in slots], dtype=np.int8), n)
+    value = np.tile(np.asarray([t if t is not None else 0 for t in slots], dtype=np.int64), (n, 1))
+    value[:, text_slot] = np.arange(n)
+    lengths = np.fromiter((len(d.text) for d in docs), dtype=np.int64, count=n)
+    starts = np.zeros((n, k), dtype=np.int64)
+    if tok.eos_id is not None:
+        starts[:, -1] = lengths
+    ends = np.full(n * k, -1, dtype=np.int64)
+    mask = _mask(tok, docs, enc, kind, value.ravel(), starts.ravel(), ends, item_len.ravel(), np.repeat(np.arange(n), k))
+    return EncodedBatch(tokens, mask, unit_lengths, 0)
 
 
 def _inside(pos: int, spans: Sequence[Span]) -> bool:
@@ -154,38 +165,37 @@ def _concat(a: Encoded, b: Encoded) -> Encoded:
 
 
 def _mask(tok: Tokenizer, docs: Sequence[Rendered], enc: Encoded, kind: np.ndarray, value: np.ndarray,
-          starts: list[int], ends: list[int], item_len: np.ndarray, doc_of_item: np.ndarray,
-          texts: list[str]) -> np.ndarray:
-    """1 for tokens overlapping a trained span of their document (positions in `tok.unit`)."""
-    to_unit = _byte_positions if tok.unit == "byte" else _char_positions
-    # Per document: a base offset in one global coordinate system, so all spans of the
-    # batch can be searched at once.
-    unit_len = [to_unit(d.text, [len(d.text)])[0] for d in docs]
-    base = np.zeros(len(docs) + 1, dtype=np.int64)
-    np.cumsum(np.asarray(unit_len, dtype=np.int64) + 1, out=base[1:])
-    span_lo: list[int] = []
-    span_hi: list[int] = []
-    for d, doc in enumerate(docs):
-        flat = [p for span in doc.trained for p in span]
-        conv = to_unit(doc.text, flat)
-        for i in range(0, len(conv), 2):
-            if conv[i + 1] > conv[i]:
-                span_lo.append(conv[i] + int(base[d])), span_hi.append(conv[i + 1] + int(base[d]))
-    item_lo = np.empty(len(kind), dtype=np.int64)
-    item_hi = np.empty(len(kind), dtype=np.int64)
-    for i, (d, s, e) in enumerate(zip(doc_of_item.tolist(), starts, ends)):
-        text = docs[d].text
-        lo, hi = to_unit(text, [s, e if e >= 0 else s])
-        item_lo[i], item_hi[i] = lo + base[d], hi + base[d]
+          starts: Sequence[int], ends: Sequence[int], item_len: np.ndarray, doc_of_item: np.ndarray) -> np.ndarray:
+    """1 for tokens overlapping a trained span of their document, computed for the whole
+    batch at once in one coordinate system: the documents' texts joined by one separator."""
+    n_docs = len(docs)
+    char_base = np.zeros(n_docs + 1, dtype=np.int64)
+    np.cumsum(np.fromiter((len(d.text) + 1 for d in docs), dtype=np.int64, count=n_docs), out=char_base[1:])
+    spans = np.asarray([p for d in docs for span in d.trained for p in span], dtype=np.int64).reshape(-1, 2)
+    span_doc = np.repeat(np.arange(n_docs), [len(d.trained) for d in docs])
+    start_arr = np.asarray(starts, dtype=np.int64)
+    end_arr = np.asarray(ends, dtype=np.int64)
+    item_base = char_base[:-1][doc_of_item]
+    n_spans, n_items = len(spans), len(start_arr)
+    positions = np.concatenate([
+        spans[:, 0] + char_base[:-1][span_doc],
+        spans[:, 1] + char_base[:-1][span_doc],
+        start_arr + item_base,
+        np.where(end_arr >= 0, end_arr, start_arr) + item_base,
+    ])
+    if tok.unit == "byte":
+        positions = _utf8_offsets("\0".join(d.text for d in docs), positions)
+    span_lo, span_hi = positions[:n_spans], positions[n_spans : 2 * n_spans]
+    item_lo, item_hi = positions[2 * n_spans : 2 * n_spans + n_items], positions[2 * n_spans + n_items :]
+    keep = span_hi > span_lo
+    span_lo, span_hi = span_lo[keep], span_hi[keep]
 
-    n = int(item_len.sum())
     lo = np.repeat(item_lo, item_len)
     hi = np.repeat(item_hi, item_len)
     is_text = kind == _TEXT
     if is_text.any():
-        # tokens of text items: [start of piece + previous end, start of piece + own end)
-        token_item = np.repeat(np.arange(len(kind)), item_len)
-        text_tok = is_text[token_item]
+        # a text item's tokens: [piece start + previous token's end, piece start + own end)
+        text_tok = is_text[np.repeat(np.arange(len(kind)), item_len)]
         piece_ends = enc.ends
         prev = np.empty_like(piece_ends)
         prev[1:] = piece_ends[:-1]
@@ -194,25 +204,25 @@ def _mask(tok: Tokenizer, docs: Sequence[Rendered], enc: Encoded, kind: np.ndarr
         lo[text_tok] = piece_lo + prev
         hi[text_tok] = piece_lo + piece_ends
     hi = np.maximum(hi, lo + 1)  # zero-width tokens attach to the next character
-    span_lo_a = np.asarray(span_lo, dtype=np.int64)
-    span_hi_a = np.asarray(span_hi, dtype=np.int64)
-    k = np.searchsorted(span_lo_a, hi, side="left")
-    mask = (k > 0) & (span_hi_a[np.maximum(k - 1, 0)] > lo) if len(span_lo_a) else np.zeros(n, dtype=bool)
+    k = np.searchsorted(span_lo, hi, side="left")
+    mask = (k > 0) & (span_hi[np.maximum(k - 1, 0)] > lo) if len(span_lo) else np.zeros(len(lo), dtype=bool)
     # delimiters: BOS never trained; EOS trained when the document's template asks for it
-    delim_items = np.flatnonzero((kind == _ID) & (np.asarray(ends) < 0))
-    item_first_token = np.concatenate(([0], np.cumsum(item_len)[:-1]))
-    eos = tok.eos_id
-    for i in delim_items.tolist():
-        d = int(doc_of_item[i])
-        mask[item_first_token[i]] = value[i] == eos and docs[d].train_eos
+    delim = np.flatnonzero((kind == _ID) & (end_arr < 0))
+    train_eos = np.fromiter((d.train_eos for d in docs), dtype=bool, count=n_docs)
+    first_token = np.concatenate(([0], np.cumsum(item_len)[:-1]))
+    mask[first_token[delim]] = (value[delim] == tok.eos_id) & train_eos[doc_of_item[delim]]
     return mask.astype(np.uint8)
 
 
-def _byte_positions(text: str, positions: list[int]) -> list[int]:
+def _utf8_offsets(text: str, positions: np.ndarray) -> np.ndarray:
+    """UTF-8 byte offset of each character position of `text` (one pass over the text)."""
     if text.isascii():
         return positions
-    return [len(text[:p].encode("utf-8")) for p in positions]
-
-
-def _char_positions(text: str, positions: list[int]) -> list[int]:
-    return positions
+    points, inverse = np.unique(positions, return_inverse=True)
+    out = np.empty(len(points), dtype=np.int64)
+    done = previous = 0
+    for i, p in enumerate(points.tolist()):
+        done += len(text[previous:p].encode("utf-8"))
+        previous = p
+        out[i] = done
+    return out[inverse]

@@ -141,8 +141,9 @@ class QuicktokTokenizer(Tokenizer):
         ends = None
         if positions:
             cum = np.cumsum(self._token_nbytes[ids])
-            starts = np.concatenate(([0], cum))[offsets[:-1]]
-            ends = cum - np.repeat(starts, np.diff(offsets))
+            first = offsets[:-1]
+            before = np.where(first > 0, cum[np.maximum(first - 1, 0)] if len(cum) else 0, 0)
+            ends = cum - np.repeat(before, np.diff(offsets))
         return Encoded(ids, offsets, ends)
 
     def decode(self, ids: Sequence[int]) -> str:
