@@ -9,15 +9,18 @@ in bounded chunks, so it never needs all documents in memory.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import queue
+import re
 import secrets
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from .pack import dropped_tail, num_rows
 from .records import Inputs, Record, RecordReader, expand_inputs, fingerprint_inputs
 from .store import MANIFEST, VERSION, StoreWriter, clean_stale, open_store, token_dtype
 from .templates import Rendered, Schema, Template, make_template
-from .tokenize import encode_documents
+from .tokenize import EncodedBatch, encode_documents
 from .tokenizers import AcceleratedTokenizer, Tokenizer, load_tokenizer
 
 BATCH_CHARS = 4 << 20  # rendered characters per tokenizer call
@@ -272,11 +275,14 @@ def _check_encodable(records: list[Record], docs: list[Rendered]) -> None:
             raise record.error(f"text cannot be encoded as UTF-8 ({exc.reason}: a lone surrogate?)") from None
 
 
-def _batches(reader: RecordReader, schema: Schema, template: Template) -> Iterator[tuple[list[Record], list[Rendered]]]:
+def _batches(reader: RecordReader, schema: Schema, template: Template,
+             specials: re.Pattern[str] | None) -> Iterator[tuple[list[Record], list[Rendered], bool]]:
+    """Batches of (records, rendered documents, whether any holds a special-token string)."""
     records: list[Record] = []
     docs: list[Rendered] = []
     size = 0
     kind = None
+    has_specials = False
     for record in reader:
         if kind is None:
             kind = schema.detect(record)
@@ -284,11 +290,13 @@ def _batches(reader: RecordReader, schema: Schema, template: Template) -> Iterat
         records.append(record)
         docs.append(doc)
         size += len(doc.text)
+        if not has_specials and specials is not None and specials.search(doc.text):
+            has_specials = True
         if size >= BATCH_CHARS:
-            yield records, docs
-            records, docs, size = [], [], 0
+            yield records, docs, has_specials
+            records, docs, size, has_specials = [], [], 0, False
     if docs:
-        yield records, docs
+        yield records, docs, has_specials
 
 
 def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -327,35 +335,50 @@ def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 def _encode_all(reader: RecordReader, tok: Tokenizer, schema: Schema, template: Template, opts: BuildOptions,
                 writer: StoreWriter, progress: bool | None) -> dict[str, int]:
+    """Read and render in one thread, encode in this one (the tokenizer's threads do the
+    work), check ids and append to the store in a third, in order, at most two batches behind."""
     bar = _progress_bar(reader.total_bytes, progress)
     special_docs = 0
     first = not opts.shuffle
     first_batch = True
-    try:
-        for records, docs in _prefetch(_batches(reader, schema, template)):
-            try:
-                if first_batch and isinstance(tok, AcceleratedTokenizer):
-                    tok.check_sample([d.text for d in docs[:SAMPLE_DOCS]])
-                first_batch = False
-                batch = encode_documents(
-                    tok,
-                    docs,
-                    train_on_prompt=opts.train_on_prompt,
-                    parse_specials=opts.special_tokens == "parse",
-                    first_in_stream=first,
-                )
-            except Exception:
-                _check_encodable(records, docs)  # raises the located error when that is the cause
-                raise
-            first = False
-            _check_ids(batch.tokens, batch.unit_lengths, records, tok.vocab_size)
-            writer.append(batch.tokens, batch.mask, batch.unit_lengths)
-            special_docs += batch.special_docs
+    pending: collections.deque[Future[None]] = collections.deque()
+
+    def store(batch: EncodedBatch, records: list[Record]) -> None:
+        _check_ids(batch.tokens, batch.unit_lengths, records, tok.vocab_size)
+        writer.append(batch.tokens, batch.mask, batch.unit_lengths)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftpack-write") as write:
+        try:
+            for records, docs, has_specials in _prefetch(_batches(reader, schema, template, tok.special_pattern)):
+                try:
+                    if first_batch and isinstance(tok, AcceleratedTokenizer):
+                        tok.check_sample([d.text for d in docs[:SAMPLE_DOCS]])
+                    first_batch = False
+                    batch = encode_documents(
+                        tok,
+                        docs,
+                        train_on_prompt=opts.train_on_prompt,
+                        parse_specials=opts.special_tokens == "parse",
+                        first_in_stream=first,
+                        has_specials=has_specials,
+                    )
+                except Exception:
+                    _check_encodable(records, docs)  # raises the located error when that is the cause
+                    raise
+                first = False
+                special_docs += batch.special_docs
+                pending.append(write.submit(store, batch, records))
+                while len(pending) > 2:
+                    pending.popleft().result()
+                if bar is not None:
+                    bar.update(reader.bytes_read - bar.n)
+            while pending:
+                pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
             if bar is not None:
-                bar.update(reader.bytes_read - bar.n)
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
     return {"special_docs": special_docs}
 
 

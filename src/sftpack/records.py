@@ -12,10 +12,10 @@ import io
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
+import msgspec
 import xxhash
 
 from .errors import ConfigError, InputError
@@ -26,14 +26,13 @@ Inputs = Union[PathLike, Sequence[PathLike]]
 _FORMATS = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".json", ".parquet")
 
 
-@dataclass(frozen=True)
 class Record:
     """One input object and where it came from (`unit` is "" for lines, "row " for rows)."""
 
-    data: dict[str, Any]
-    source: str
-    line: int
-    unit: str = ""
+    __slots__ = ("data", "source", "line", "unit")
+
+    def __init__(self, data: dict[str, Any], source: str, line: int, unit: str = "") -> None:
+        self.data, self.source, self.line, self.unit = data, source, line, unit
 
     def error(self, message: str) -> InputError:
         return InputError(self.source, self.line, message, self.unit)
@@ -135,20 +134,16 @@ class RecordReader:
                 import zstandard
 
                 stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))  # type: ignore[assignment]
-            loads = json.loads
+            fast = msgspec.json.Decoder().decode
             for lineno, raw_line in enumerate(stream, 1):
-                try:
-                    text = raw_line.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise InputError(source, lineno, f"invalid UTF-8 at byte {exc.start} of the line") from None
-                if lineno == 1 and text.startswith("\ufeff"):
-                    text = text[1:]
-                if not text.strip():
+                if lineno == 1 and raw_line.startswith(b"\xef\xbb\xbf"):
+                    raw_line = raw_line[3:]
+                if raw_line.isspace() or not raw_line:
                     continue
                 try:
-                    data = loads(text)
-                except json.JSONDecodeError as exc:
-                    raise InputError(source, lineno, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
+                    data = fast(raw_line)
+                except (msgspec.DecodeError, UnicodeDecodeError):
+                    data = _parse_slow(raw_line, source, lineno)  # exact messages, lenient stdlib JSON
                 if type(data) is not dict:
                     raise InputError(source, lineno, f"expected a JSON object, got {_kind(data)}")
                 yield Record(data, source, lineno)
@@ -185,6 +180,17 @@ class RecordReader:
                 for item in batch.to_pylist():
                     row += 1
                     yield Record(item, source, row, "row ")
+
+
+def _parse_slow(raw_line: bytes, source: str, lineno: int) -> Any:
+    try:
+        text = raw_line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(source, lineno, f"invalid UTF-8 at byte {exc.start} of the line") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(source, lineno, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
 
 
 def _kind(value: Any) -> str:

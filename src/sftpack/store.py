@@ -56,7 +56,7 @@ class _Appender:
         self._f.write(b"\0" * _HEADER)
 
     def append(self, values: np.ndarray) -> None:
-        self._f.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        self._f.write(np.ascontiguousarray(values, dtype=self.dtype).data)
         self.length += len(values)
 
     def close(self, length: int | None = None) -> None:

@@ -200,7 +200,7 @@ class PromptTemplate:
             p0 = len(lit[0])
             r0 = p0 + len(prompt) + len(lit[1])
             r1 = r0 + len(response)
-            text = lit[0] + prompt + lit[1] + response + lit[2]
+            text = "".join((lit[0], prompt, lit[1], response, lit[2]))
             return Rendered(text, ((r0, r1),), ((p0, p0 + len(prompt)), (r0, r1)), True)
         values: dict[str, str] = {}
         for role, text in turns:

@@ -42,10 +42,14 @@ def encode_documents(
     train_on_prompt: bool = True,
     parse_specials: bool = True,
     first_in_stream: bool = False,
+    has_specials: bool | None = None,
 ) -> EncodedBatch:
-    """Encode a batch of documents into units (see the module docstring)."""
+    """Encode a batch of documents into units (see the module docstring). `has_specials`
+    (whether any document holds a special-token string) saves a scan when known."""
     pattern = tok.special_pattern
-    if tok.per_piece_exact and (pattern is None or not any(pattern.search(d.text) for d in docs)):
+    if has_specials is None:
+        has_specials = pattern is not None and any(pattern.search(d.text) for d in docs)
+    if tok.per_piece_exact and not has_specials:
         return _encode_plain(tok, docs, train_on_prompt)
     special_ids = tok.special_tokens
     bos = tok.bos_id if tok.adds_bos else None
