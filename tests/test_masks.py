@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import trained_runs
 import quicktok
 import torch
 from hypothesis import HealthCheck, example, given, settings
@@ -69,19 +70,6 @@ def documents(ds: PackedSFTDataset) -> list[tuple[list[int], list[int]]]:
 
 def token_bytes(ids: list[int]) -> list[bytes]:
     return [LLAMA3.decode_single_token_bytes(t) for t in ids]
-
-
-def trained_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
-    """Maximal runs of consecutive trained tokens."""
-    runs: list[list[int]] = []
-    prev = 0
-    for t, m in zip(ids, mask):
-        if m:
-            if not prev:
-                runs.append([])
-            runs[-1].append(t)
-        prev = m
-    return runs
 
 
 PAIRS = [("What is the capital of France?", "Paris."), ("Say hi", "Hi! How are you?"), ("2+2?", "4")]

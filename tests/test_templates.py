@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import trained_runs
 import quicktok
 
 import sftpack
@@ -449,20 +450,8 @@ def test_custom_jinja_chat_template_with_qwen3(jsonl):
     im_start = QWEN3.encode_single_token("<|im_start|>")
     assert tokens(ds)[0] == im_start
     ids, mask = tokens(ds), np.asarray(ds.store.loss_mask).tolist()
-    runs = _trained_runs(ids, mask)
+    runs = trained_runs(ids, mask)
     assert [QWEN3.decode(r) for r in runs] == ["Hello!<|im_end|>", "Bye!<|im_end|>", "4<|im_end|>"]
-
-
-def _trained_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
-    runs: list[list[int]] = []
-    prev = 0
-    for t, m in zip(ids, mask):
-        if m:
-            if not prev:
-                runs.append([])
-            runs[-1].append(t)
-        prev = m
-    return runs
 
 
 def test_chat_template_from_a_file(jsonl, tmp_path):
