@@ -189,7 +189,7 @@ def build(
 
     reader = RecordReader(paths)
     with StoreWriter(out, token_dtype(tok.vocab_size)) as writer:
-        counts = _encode_all(reader, tok, schema, template, options, writer, progress)
+        special_docs = _encode_all(reader, tok, schema, template, options, writer, progress)
         if options.shuffle:
             _write_shuffled(writer, options.seed, tok, reader, schema, template, options)
         drop = 1 if tok.eos_id is not None else 0
@@ -223,14 +223,14 @@ def build(
                 "dropped_tokens": dropped_tail(n_tokens, options.seq_length),
                 "supervised_tokens": supervised,
                 "rows_without_supervision": empty_rows,
-                "special_token_documents": counts["special_docs"],
+                "special_token_documents": special_docs,
                 "input_bytes": reader.total_bytes,
             },
         }
         writer.commit(manifest, drop_last_tokens=drop)
-    if counts["special_docs"]:
+    if special_docs:
         warnings.warn(
-            f"{counts['special_docs']} documents contain special-token strings in their text; they were "
+            f"{special_docs} documents contain special-token strings in their text; they were "
             + ("parsed as special tokens (the reference behaviour, an injection risk)" if options.special_tokens == "parse"
                else "encoded as plain text"),
             stacklevel=2,
@@ -334,9 +334,10 @@ def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 
 def _encode_all(reader: RecordReader, tok: Tokenizer, schema: Schema, template: Template, opts: BuildOptions,
-                writer: StoreWriter, progress: bool | None) -> dict[str, int]:
+                writer: StoreWriter, progress: bool | None) -> int:
     """Read and render in one thread, encode in this one (the tokenizer's threads do the
-    work), check ids and append to the store in a third, in order, at most two batches behind."""
+    work), check ids and append to the store in a third, in order, at most two batches behind.
+    Returns how many documents hold special-token strings in their user content."""
     bar = _progress_bar(reader.total_bytes, progress)
     special_docs = 0
     first = not opts.shuffle
@@ -379,7 +380,7 @@ def _encode_all(reader: RecordReader, tok: Tokenizer, schema: Schema, template: 
                 future.cancel()
             if bar is not None:
                 bar.close()
-    return {"special_docs": special_docs}
+    return special_docs
 
 
 def _check_ids(tokens: np.ndarray, unit_lengths: np.ndarray, records: list[Record], vocab_size: int) -> None:

@@ -147,6 +147,12 @@ def _encode_plain(tok: Tokenizer, docs: Sequence[Rendered], train_on_prompt: boo
     tokens[~is_delim] = enc.ids
     if train_on_prompt:
         return EncodedBatch(tokens, np.ones(len(tokens), dtype=np.uint8), unit_lengths, 0)
+    if all(len(d.trained) <= 1 for d in docs):  # prompt templates: one response span per document
+        mask = np.zeros(len(tokens), dtype=np.uint8)
+        mask[~is_delim] = _single_span_mask(tok, docs, enc)
+        if tok.eos_id is not None:
+            mask[unit_start + unit_lengths - 1] = np.fromiter((d.train_eos for d in docs), dtype=bool, count=n)
+        return EncodedBatch(tokens, mask, unit_lengths, 0)
     kind = np.tile(np.asarray([_ID if t is not None else _TEXT for t in slots], dtype=np.int8), n)
     value = np.tile(np.asarray([t if t is not None else 0 for t in slots], dtype=np.int64), (n, 1))
     value[:, text_slot] = np.arange(n)
@@ -157,6 +163,30 @@ def _encode_plain(tok: Tokenizer, docs: Sequence[Rendered], train_on_prompt: boo
     ends = np.full(n * k, -1, dtype=np.int64)
     mask = _mask(tok, docs, enc, kind, value.ravel(), starts.ravel(), ends, item_len.ravel(), np.repeat(np.arange(n), k))
     return EncodedBatch(tokens, mask, unit_lengths, 0)
+
+
+def _single_span_mask(tok: Tokenizer, docs: Sequence[Rendered], enc: Encoded) -> np.ndarray:
+    """The text tokens' mask when each document has at most one trained span, in each
+    document's own coordinates (no global search needed)."""
+    n = len(docs)
+    seg_lens = np.diff(enc.offsets)
+    ends = enc.ends
+    starts = np.empty_like(ends)
+    starts[1:] = ends[:-1]
+    starts[enc.offsets[:-1][seg_lens > 0]] = 0
+    ends = np.maximum(ends, starts + 1)  # zero-width tokens attach to the next character
+    lo = np.zeros(n, dtype=np.int64)
+    hi = np.zeros(n, dtype=np.int64)
+    to_bytes = tok.unit == "byte"
+    for d, doc in enumerate(docs):
+        if doc.trained:
+            a, b = doc.trained[0]
+            if to_bytes and not doc.text.isascii():
+                a, b = len(doc.text[:a].encode("utf-8")), len(doc.text[:b].encode("utf-8"))
+            lo[d], hi[d] = a, b
+    lo[hi <= lo] = np.iinfo(np.int64).max  # an empty span trains nothing
+    token_doc = np.repeat(np.arange(n), seg_lens)
+    return ((ends > lo[token_doc]) & (starts < hi[token_doc])).astype(np.uint8)
 
 
 def _inside(pos: int, spans: Sequence[Span]) -> bool:
