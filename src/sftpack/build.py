@@ -32,13 +32,13 @@ from . import __version__
 from .errors import ConfigError, SFTPackError
 from .pack import dropped_tail, num_rows
 from .records import Inputs, Record, RecordReader, expand_inputs, fingerprint_inputs
-from .store import MANIFEST, VERSION, StoreWriter, clean_stale, open_store, token_dtype
+from .store import MANIFEST, NPY_HEADER, VERSION, StoreWriter, clean_stale, open_store, token_dtype
 from .templates import Rendered, Schema, Template, make_template
 from .tokenize import EncodedBatch, encode_documents
 from .tokenizers import AcceleratedTokenizer, Tokenizer, load_tokenizer
 
 BATCH_CHARS = 4 << 20  # rendered characters per tokenizer call
-GATHER_TOKENS = 1 << 23  # tokens per chunk when writing shuffled units
+GATHER_TOKENS = 1 << 22  # tokens per chunk when writing shuffled units
 SAMPLE_DOCS = 256  # documents on which quicktok must match a HF tokenizer before serving it
 
 
@@ -404,18 +404,34 @@ def _write_shuffled(writer: StoreWriter, seed: int | None, tok: Tokenizer, reade
         order, lengths = order[1:], lengths[1:]
     ends = np.cumsum(lengths)
     cut = 0
-    while cut < len(order):
-        base = ends[cut - 1] if cut else 0
-        stop = max(cut + 1, int(np.searchsorted(ends, base + GATHER_TOKENS, side="right")))
-        chunk, chunk_lengths = order[cut:stop], lengths[cut:stop]
-        idx = np.repeat(offsets[chunk] - np.concatenate(([0], np.cumsum(chunk_lengths)[:-1])), chunk_lengths)
-        idx += np.arange(int(chunk_lengths.sum()))
-        # Mapped afresh per chunk: pages touched by a mapping count in RSS until it is dropped.
-        tokens = np.load(staged["tokens"], mmap_mode="r", allow_pickle=False)
-        mask = np.load(staged["loss_mask"], mmap_mode="r", allow_pickle=False)
-        writer.append(tokens[idx], mask[idx], chunk_lengths)
-        del tokens, mask
-        cut = stop
+    with open(staged["tokens"], "rb") as token_file, open(staged["loss_mask"], "rb") as mask_file:
+        while cut < len(order):
+            base = ends[cut - 1] if cut else 0
+            stop = max(cut + 1, int(np.searchsorted(ends, base + GATHER_TOKENS, side="right")))
+            chunk, chunk_lengths = order[cut:stop], lengths[cut:stop]
+            starts = offsets[chunk]
+            writer.append(
+                _read_units(token_file, writer.dtype, starts, chunk_lengths),
+                _read_units(mask_file, np.dtype(np.uint8), starts, chunk_lengths),
+                chunk_lengths,
+            )
+            cut = stop
+
+
+def _read_units(f: Any, dtype: np.dtype, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Read the given token ranges of a staged .npy file into one array, with positional reads
+    (a memory map would count every page it faults in, and its neighbours, in RSS)."""
+    out = np.empty(int(lengths.sum()), dtype=dtype)
+    view = memoryview(out).cast("B")
+    size = dtype.itemsize
+    fd = f.fileno()
+    pos = 0
+    for start, length in zip(starts.tolist(), lengths.tolist()):
+        n = length * size
+        if os.preadv(fd, [view[pos : pos + n]], NPY_HEADER + start * size) != n:
+            raise SFTPackError(f"{f.name}: staged array is shorter than its offsets")
+        pos += n
+    return out
 
 
 def _first_unit(reader: RecordReader, schema: Schema, template: Template, opts: BuildOptions, tok: Tokenizer,

@@ -31,7 +31,7 @@ FORMAT = "sftpack.packed"
 VERSION = 1
 MANIFEST = "manifest.json"
 ARRAYS = {"tokens": "tokens.npy", "loss_mask": "loss_mask.npy", "doc_offsets": "doc_offsets.npy"}
-_HEADER = 128  # bytes reserved for the .npy v1.0 header of an array written incrementally
+NPY_HEADER = 128  # bytes reserved for the .npy v1.0 header of an array written incrementally
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -43,8 +43,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def _npy_header(dtype: np.dtype, length: int) -> bytes:
     body = f"{{'descr': '{dtype.str}', 'fortran_order': False, 'shape': ({length},), }}"
-    pad = _HEADER - 10 - len(body) - 1
-    return b"\x93NUMPY\x01\x00" + (_HEADER - 10).to_bytes(2, "little") + body.encode() + b" " * pad + b"\n"
+    pad = NPY_HEADER - 10 - len(body) - 1
+    return b"\x93NUMPY\x01\x00" + (NPY_HEADER - 10).to_bytes(2, "little") + body.encode() + b" " * pad + b"\n"
 
 
 class _Appender:
@@ -53,7 +53,7 @@ class _Appender:
     def __init__(self, path: Path, dtype: np.dtype) -> None:
         self.path, self.dtype, self.length = path, np.dtype(dtype), 0
         self._f = open(path, "wb")
-        self._f.write(b"\0" * _HEADER)
+        self._f.write(b"\0" * NPY_HEADER)
 
     def append(self, values: np.ndarray) -> None:
         self._f.write(np.ascontiguousarray(values, dtype=self.dtype).data)
@@ -62,7 +62,7 @@ class _Appender:
     def close(self, length: int | None = None) -> None:
         if length is not None:
             self.length = length
-            self._f.truncate(_HEADER + length * self.dtype.itemsize)
+            self._f.truncate(NPY_HEADER + length * self.dtype.itemsize)
         self._f.seek(0)
         self._f.write(_npy_header(self.dtype, self.length))
         self._f.flush()
@@ -173,7 +173,7 @@ class StoreWriter:
     def loss_mask(self) -> np.ndarray:
         """The loss mask appended so far, memory-mapped read-only."""
         self._mask._f.flush()
-        return np.memmap(self._mask.path, dtype=np.uint8, mode="r", offset=_HEADER, shape=(self.n_tokens,))
+        return np.memmap(self._mask.path, dtype=np.uint8, mode="r", offset=NPY_HEADER, shape=(self.n_tokens,))
 
     def commit(self, manifest: dict[str, Any], *, drop_last_tokens: int = 0) -> Path:
         """Finish the arrays, write the manifest last and move the store into place."""
