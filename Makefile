@@ -26,6 +26,7 @@ test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-dev
+	$(PIP) install -q -c constraints.txt trl datasets  # the TRL baseline only
 	$(PY) bench/bench_build.py
 
 clean:
