@@ -21,6 +21,15 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Keep sftpack's user cache (quicktok imports of HF tokenizers) inside the test session."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SFTPACK_CACHE", str(tmp_path_factory.mktemp("sftpack-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def conformance() -> Path:
     if not CONFORMANCE.is_dir():
