@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .pack import num_rows, row_span
+from .errors import ConfigError, TokenizerError
 from .store import open_store
 from .tokenizers import load_tokenizer
 
@@ -23,10 +24,11 @@ def render_row(path: str | os.PathLike, row: int, *, tokenizer: Any = None, colo
     L = int(manifest["seq_length"])
     n = num_rows(len(store.tokens), L)
     if not 0 <= row < n:
-        from .errors import ConfigError
-
         raise ConfigError(f"--row {row} is out of range: the store has {n} rows")
-    tok = load_tokenizer(tokenizer or manifest["tokenizer"]["name"])
+    try:
+        tok = load_tokenizer(tokenizer or manifest["tokenizer"]["name"])
+    except TokenizerError as exc:
+        raise TokenizerError(f"{exc}; pass the tokenizer the store was built with (--tokenizer)") from None
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
     start, _ = row_span(row, L)
     ids = np.asarray(store.tokens[start : start + L], dtype=np.int64)
