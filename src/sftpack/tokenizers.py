@@ -22,7 +22,7 @@ import xxhash
 from .errors import ConfigError, TokenizerError
 
 DEFAULT_TOKENIZER = "llama3"
-# bundled quicktok encoding -> (BOS string or None, EOS string, chat template name)
+# bundled quicktok encoding -> (BOS string or None, EOS string)
 _BUNDLED = {
     "llama3": ("<|begin_of_text|>", "<|end_of_text|>"),
     "qwen3": (None, "<|endoftext|>"),
@@ -127,14 +127,19 @@ class QuicktokTokenizer(Tokenizer):
         self.check_delimiters()
 
     @cached_property
-    def _token_nbytes(self) -> np.ndarray:
-        table = np.zeros(self.vocab_size, dtype=np.int64)
+    def _token_bytes(self) -> list[bytes | None]:
+        """Every id's bytes (None for an id the encoding does not define)."""
+        out: list[bytes | None] = []
         for i in range(self.vocab_size):
             try:
-                table[i] = len(self._enc.decode_single_token_bytes(i))
+                out.append(self._enc.decode_single_token_bytes(i))
             except KeyError:
-                pass
-        return table
+                out.append(None)
+        return out
+
+    @cached_property
+    def _token_nbytes(self) -> np.ndarray:
+        return np.fromiter((len(b or b"") for b in self._token_bytes), dtype=np.int64, count=self.vocab_size)
 
     def encode(self, texts: Sequence[str], *, positions: bool = False) -> Encoded:
         ids, offsets = self._enc.encode_batch(list(texts), self.threads, False)
@@ -151,11 +156,8 @@ class QuicktokTokenizer(Tokenizer):
 
     def fingerprint(self) -> str:
         h = xxhash.xxh3_128()
-        for i in range(self.vocab_size):
-            try:
-                h.update(self._enc.decode_single_token_bytes(i))
-            except KeyError:
-                h.update(b"<none>")
+        for token in self._token_bytes:
+            h.update(b"<none>" if token is None else token)
             h.update(b"\0")
         h.update(repr(sorted(self.special_tokens.items())).encode())
         h.update(repr(self._enc.encode_ordinary(_PROBE)).encode())
