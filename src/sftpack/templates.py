@@ -251,7 +251,20 @@ class ChatTemplate:
         def raise_exception(message: str) -> None:
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        class Sandbox(ImmutableSandboxedEnvironment):
+            """The immutable sandbox, with its attribute verdicts cached: they depend only
+            on the object's type and the attribute name."""
+
+            _verdicts: dict[tuple[type, str], bool] = {}
+
+            def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+                key = (type(obj), attr)
+                verdict = self._verdicts.get(key)
+                if verdict is None:
+                    verdict = self._verdicts[key] = super().is_safe_attribute(obj, attr, value)
+                return verdict
+
+        env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.globals["raise_exception"] = raise_exception
         try:
             self._template = env.from_string(source)
@@ -262,6 +275,7 @@ class ChatTemplate:
         self.eos_token = eos_token or ""
         self.last_turn_only = last_turn_only
         self._specials = sorted((s for s in special_tokens if s), key=len, reverse=True)
+        self._marked_cache: dict[tuple[str, ...], tuple[str, list[str], list[tuple[int, int]]]] = {}
 
     def fingerprint(self) -> str:
         return f"chat:{xxhash.xxh3_64_hexdigest(self.source.encode())}:{self.last_turn_only}"
@@ -280,14 +294,25 @@ class ChatTemplate:
             text = text[len(self.bos_token) :]
         return text
 
+    def _marked(self, roles: tuple[str, ...]) -> tuple[str, list[str], list[tuple[int, int]]]:
+        """The template rendered with a marker as every content (cached per role sequence:
+        conversations mostly share a few shapes), and the markers' (position, turn) in order."""
+        cached = self._marked_cache.get(roles)
+        if cached is None:
+            markers = [f"\ue000{i}\ue001" for i in range(len(roles))]
+            marked = self._render(list(zip(roles, markers)))
+            found = sorted((marked.find(m), i) for i, m in enumerate(markers) if m in marked)
+            cached = (marked, markers, found)
+            if len(self._marked_cache) < 1024:
+                self._marked_cache[roles] = cached
+        return cached
+
     def render(self, turns: Turns) -> Rendered:
         # Where each turn's content lies is found structurally, not by searching for it: the
         # template is rendered once with a unique marker in place of every content, and the
         # real rendering is walked literal by literal against it.
         text = self._render(turns)
-        markers = [f"\ue000{i}\ue001" for i in range(len(turns))]
-        marked = self._render([(role, markers[i]) for i, (role, _) in enumerate(turns)])
-        found = sorted((marked.find(m), i) for i, m in enumerate(markers) if m in marked)
+        marked, markers, found = self._marked(tuple(role for role, _ in turns))
         spans: dict[int, Span] = {}
         pos = mark_pos = 0
         for k, (at, i) in enumerate(found):

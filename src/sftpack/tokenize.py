@@ -16,6 +16,7 @@ when the template says so (prompt templates: the model must learn to stop).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ class EncodedBatch:
 
 
 _TEXT, _ID = 0, 1
+_ALTERNATING = [_TEXT, _ID] * 256
 
 
 def encode_documents(
@@ -64,34 +66,55 @@ def encode_documents(
     as_text: list[bool] = []  # in-context documents whose special-token strings stay text
     special_docs = 0
 
+    split = tok.special_split
+
+    def add(kind: int, value: int, start: int, end: int) -> None:
+        kinds.append(kind), values.append(value), starts.append(start), ends.append(end)
+
     for doc in docs:
         first_item = len(kinds)
         text = doc.text
         if bos is not None:
-            kinds.append(_ID), values.append(bos), starts.append(0), ends.append(-1)
-        matches = list(pattern.finditer(text)) if pattern is not None else []
-        injected = bool(matches) and any(_inside(m.start(), doc.content) for m in matches)
+            add(_ID, bos, 0, -1)
+        # a special-token string lying inside user content: an injection, counted
+        injected = pattern is not None and any(pattern.search(text, s, e) for s, e in doc.content)
         special_docs += injected
         if in_context:
             if text:
-                kinds.append(_TEXT), values.append(len(texts)), starts.append(0), ends.append(-1)
+                add(_TEXT, len(texts), 0, -1)
                 texts.append(text)
                 as_text.append(injected and not parse_specials)
-        else:
+        elif injected and not parse_specials:
             cursor = 0
-            for m in matches:
-                if not parse_specials and _inside(m.start(), doc.content):
+            for m in pattern.finditer(text):  # type: ignore[union-attr]
+                if _inside(m.start(), doc.content):
                     continue  # user text that looks like a special token stays text
                 if m.start() > cursor:
-                    kinds.append(_TEXT), values.append(len(texts)), starts.append(cursor), ends.append(-1)
+                    add(_TEXT, len(texts), cursor, -1)
                     texts.append(text[cursor : m.start()])
-                kinds.append(_ID), values.append(special_ids[m.group()]), starts.append(m.start()), ends.append(m.end())
+                add(_ID, special_ids[m.group()], m.start(), m.end())
                 cursor = m.end()
             if cursor < len(text):
-                kinds.append(_TEXT), values.append(len(texts)), starts.append(cursor), ends.append(-1)
+                add(_TEXT, len(texts), cursor, -1)
                 texts.append(text[cursor:])
+        else:
+            # split() with a capturing group alternates plain text and special-token strings:
+            # [text, special, text, ..., text]; whole lists at a time, no per-piece statements
+            parts = split(text) if split is not None else [text]
+            n = len(parts)
+            pos = list(accumulate(map(len, parts), initial=0))
+            vals = [0] * n
+            vals[0::2] = range(len(texts), len(texts) + (n + 1) // 2)
+            vals[1::2] = [special_ids[p] for p in parts[1::2]]
+            part_ends = [-1] * n
+            part_ends[1::2] = pos[2::2]
+            texts.extend(parts[0::2])
+            kinds.extend(_ALTERNATING[: n] if n <= len(_ALTERNATING) else ([_TEXT, _ID] * n)[:n])
+            values.extend(vals)
+            starts.extend(pos[:-1])
+            ends.extend(part_ends)
         if eos is not None:
-            kinds.append(_ID), values.append(eos), starts.append(len(text)), ends.append(-1)
+            add(_ID, eos, len(text), -1)
         items_per_doc.append(len(kinds) - first_item)
 
     positions = not train_on_prompt

@@ -13,7 +13,7 @@ import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,12 @@ _BUNDLED = {
 }
 # A fixed text whose ids capture the pre-tokenizer and merges in the fingerprint.
 _PROBE = "Hello, world! 123456 don't  \n\n\tcafé 日本語 🚀 x=1;y=[2]  "
+
+
+@lru_cache(maxsize=8)
+def _special_pattern(specials: tuple[str, ...]) -> re.Pattern[str]:
+    # longest first, so that a special token that prefixes another never wins
+    return re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
 
 
 class Encoded:
@@ -79,10 +85,13 @@ class Tokenizer(ABC):
 
     @cached_property
     def special_pattern(self) -> re.Pattern[str] | None:
-        if not self.special_tokens:
-            return None
-        alternatives = sorted(self.special_tokens, key=len, reverse=True)
-        return re.compile("|".join(map(re.escape, alternatives)))
+        """Matches any special-token string (one capturing group, so `split` keeps them)."""
+        return _special_pattern(tuple(sorted(self.special_tokens))) if self.special_tokens else None
+
+    @property
+    def special_split(self) -> Any:
+        """`split` that alternates plain text and special-token strings, or None."""
+        return None if self.special_pattern is None else self.special_pattern.split
 
     def check_delimiters(self) -> None:
         if self.eos_id is None and self.bos_id is None:
