@@ -34,7 +34,6 @@ class EncodedBatch:
 
 
 _TEXT, _ID = 0, 1
-_ALTERNATING = [_TEXT, _ID] * 256
 
 
 def encode_documents(
@@ -109,7 +108,7 @@ def encode_documents(
             part_ends = [-1] * n
             part_ends[1::2] = pos[2::2]
             texts.extend(parts[0::2])
-            kinds.extend(_ALTERNATING[: n] if n <= len(_ALTERNATING) else ([_TEXT, _ID] * n)[:n])
+            kinds.extend([_TEXT, _ID] * (n // 2) + [_TEXT])  # n is odd: text at both ends
             values.extend(vals)
             starts.extend(pos[:-1])
             ends.extend(part_ends)
