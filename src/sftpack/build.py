@@ -119,7 +119,7 @@ class BuildSummary:
         if self.seed is not None:
             out.append(f"  shuffle seed:     {self.seed}")
         if not self.reused:
-            out.append(f"  throughput:       {self.mb_per_s:.1f} MB/s of input ({self.seconds:.2f} s)")
+            out.append(f"  throughput:       {self.mb_per_s:.3g} MB/s of input ({self.seconds:.2f} s)")
         return out
 
 
