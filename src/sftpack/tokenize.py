@@ -86,7 +86,7 @@ def encode_documents(
         elif injected and not parse_specials:
             cursor = 0
             for m in pattern.finditer(text):  # type: ignore[union-attr]
-                if _inside(m.start(), doc.content):
+                if _inside(m.start(), m.end(), doc.content):
                     continue  # user text that looks like a special token stays text
                 if m.start() > cursor:
                     add(_TEXT, len(texts), cursor, -1)
@@ -211,8 +211,9 @@ def _single_span_mask(tok: Tokenizer, docs: Sequence[Rendered], enc: Encoded) ->
     return ((ends > lo[token_doc]) & (starts < hi[token_doc])).astype(np.uint8)
 
 
-def _inside(pos: int, spans: Sequence[Span]) -> bool:
-    return any(s <= pos < e for s, e in spans)
+def _inside(start: int, end: int, spans: Sequence[Span]) -> bool:
+    """Whether [start, end) lies within one of the spans (user content)."""
+    return any(s <= start and end <= e for s, e in spans)
 
 
 def _concat(a: Encoded, b: Encoded) -> Encoded:
