@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Union
@@ -149,25 +150,39 @@ class RecordReader:
                 yield Record(data, source, lineno)
 
     def _json_array(self, path: Path) -> Iterator[Record]:
+        """A JSON array of objects, streamed element by element (bounded memory)."""
         source = str(path)
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            line = raw.count(b"\n", 0, exc.start) + 1
-            column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-            raise InputError(source, line, f"invalid UTF-8 at byte {column} of the line") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(source, exc.lineno, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
-        if not isinstance(data, list):
-            raise InputError(source, None, f"a .json input must hold an array of objects, got {_kind(data)}")
-        for i, item in enumerate(data, 1):
-            if not isinstance(item, dict):
-                raise InputError(source, i, f"expected a JSON object, got {_kind(item)}", "row ")
-            yield Record(item, source, i, "row ")
+        with open(path, "rb") as raw:
+            self._raw = raw
+            text = _JsonText(raw, source)
+            text.skip_space()
+            if not text.startswith("["):
+                if text.at_end():
+                    return  # empty file: reported as holding no documents
+                raise InputError(source, None, "a .json input must hold an array of objects")
+            text.advance(1)
+            row = 0
+            while True:
+                text.skip_space()
+                if text.startswith("]") and row == 0:
+                    text.advance(1)
+                    break
+                item = text.value()
+                row += 1
+                if not isinstance(item, dict):
+                    raise InputError(source, row, f"expected a JSON object, got {_kind(item)}", "row ")
+                yield Record(item, source, row, "row ")
+                text.skip_space()
+                if text.startswith(","):
+                    text.advance(1)
+                elif text.startswith("]"):
+                    text.advance(1)
+                    break
+                else:
+                    raise InputError(source, text.line, "malformed JSON: expected ',' or ']' after an array element")
+            text.skip_space()
+            if not text.at_end():
+                raise InputError(source, text.line, "malformed JSON: extra data after the array")
 
     def _parquet(self, path: Path) -> Iterator[Record]:
         import pyarrow.parquet as pq
@@ -180,6 +195,71 @@ class RecordReader:
                 for item in batch.to_pylist():
                     row += 1
                     yield Record(item, source, row, "row ")
+
+
+_JSON_SPACE = re.compile(r"[ \t\r\n]*")
+
+
+class _JsonText:
+    """Incrementally decoded UTF-8 text with a cursor, its line number, and one-value parsing."""
+
+    def __init__(self, raw: BinaryIO, source: str) -> None:
+        import codecs
+
+        self._raw, self.source = raw, source
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._buf, self._pos, self.line, self._eof, self._first = "", 0, 1, False, True
+        self._raw_line = 1  # line count of the bytes decoded so far, for UTF-8 errors
+
+    def _fill(self) -> bool:
+        if self._eof:
+            return False
+        chunk = self._raw.read(1 << 20)
+        try:
+            text = self._decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as exc:
+            line = self._raw_line + chunk.count(b"\n", 0, max(exc.start, 0))
+            raise InputError(self.source, line, "invalid UTF-8") from None
+        self._raw_line += chunk.count(b"\n")
+        if self._first:
+            text, self._first = text.removeprefix("\ufeff"), False
+        self._eof = not chunk
+        self._buf = self._buf[self._pos :] + text
+        self._pos = 0
+        return True
+
+    def advance(self, n: int) -> None:
+        self.line += self._buf.count("\n", self._pos, self._pos + n)
+        self._pos += n
+
+    def skip_space(self) -> None:
+        while True:
+            self.advance(_JSON_SPACE.match(self._buf, self._pos).end() - self._pos)  # type: ignore[union-attr]
+            if self._pos < len(self._buf) or not self._fill():
+                return
+
+    def startswith(self, token: str) -> bool:
+        while len(self._buf) - self._pos < len(token) and self._fill():
+            pass
+        return self._buf.startswith(token, self._pos)
+
+    def at_end(self) -> bool:
+        return not self.startswith(" ") and self._pos >= len(self._buf)
+
+    def value(self) -> Any:
+        decoder = json.JSONDecoder()
+        while True:
+            try:
+                item, end = decoder.raw_decode(self._buf, self._pos)
+            except json.JSONDecodeError as exc:
+                if self._fill():
+                    continue  # the value may continue in the next chunk
+                line = self.line + self._buf.count("\n", self._pos, exc.pos)
+                raise InputError(self.source, line, f"malformed JSON: {exc.msg}") from None
+            if end == len(self._buf) and self._fill():
+                continue  # a number may continue in the next chunk
+            self.advance(end - self._pos)
+            return item
 
 
 def _parse_slow(raw_line: bytes, source: str, lineno: int) -> Any:
