@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
-import sys
-
 import pytest
+from hypothesis import settings
+
+# CI runs the property tests on a fixed seed sequence, so a red CI is reproducible; local runs
+# keep exploring new examples.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
