@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 import xxhash
@@ -227,6 +228,33 @@ class PromptTemplate:
         return Rendered("".join(out), tuple(trained), tuple(content), True)
 
 
+@lru_cache(maxsize=1)
+def _sandbox() -> Any:
+    """The environment chat templates render in: Jinja's immutable sandbox, configured as
+    transformers configures it, with the sandbox's attribute verdicts cached (they depend
+    only on the object's type and the attribute name)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        _verdicts: dict[tuple[type, str], bool] = {}
+
+        def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+            key = (type(obj), attr)
+            verdict = self._verdicts.get(key)
+            if verdict is None:
+                verdict = self._verdicts[key] = super().is_safe_attribute(obj, attr, value)
+            return verdict
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
 class ChatTemplate:
     """A Jinja chat template (Hugging Face convention), rendered in a sandbox.
 
@@ -245,27 +273,8 @@ class ChatTemplate:
         last_turn_only: bool = False,
     ) -> None:
         from jinja2.exceptions import TemplateError
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        class Sandbox(ImmutableSandboxedEnvironment):
-            """The immutable sandbox, with its attribute verdicts cached: they depend only
-            on the object's type and the attribute name."""
-
-            _verdicts: dict[tuple[type, str], bool] = {}
-
-            def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
-                key = (type(obj), attr)
-                verdict = self._verdicts.get(key)
-                if verdict is None:
-                    verdict = self._verdicts[key] = super().is_safe_attribute(obj, attr, value)
-                return verdict
-
-        env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.globals["raise_exception"] = raise_exception
+        env = _sandbox()
         try:
             self._template = env.from_string(source)
         except TemplateError as exc:
