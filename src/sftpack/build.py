@@ -340,7 +340,6 @@ def _encode_all(reader: RecordReader, tok: Tokenizer, schema: Schema, template: 
     Returns how many documents hold special-token strings in their user content."""
     bar = _progress_bar(reader.total_bytes, progress)
     special_docs = 0
-    first = not opts.shuffle
     first_batch = True
     pending: collections.deque[Future[None]] = collections.deque()
 
@@ -354,19 +353,18 @@ def _encode_all(reader: RecordReader, tok: Tokenizer, schema: Schema, template: 
                 try:
                     if first_batch and isinstance(tok, AcceleratedTokenizer):
                         tok.check_sample([d.text for d in docs[:SAMPLE_DOCS]])
-                    first_batch = False
                     batch = encode_documents(
                         tok,
                         docs,
                         train_on_prompt=opts.train_on_prompt,
                         parse_specials=opts.special_tokens == "parse",
-                        first_in_stream=first,
+                        first_in_stream=first_batch and not opts.shuffle,
                         has_specials=has_specials,
                     )
                 except Exception:
                     _check_encodable(records, docs)  # raises the located error when that is the cause
                     raise
-                first = False
+                first_batch = False
                 special_docs += batch.special_docs
                 pending.append(write.submit(store, batch, records))
                 while len(pending) > 2:

@@ -187,16 +187,21 @@ def _encode_plain(tok: Tokenizer, docs: Sequence[Rendered], train_on_prompt: boo
     return EncodedBatch(tokens, mask, unit_lengths, 0)
 
 
+def _token_starts(enc: Encoded) -> np.ndarray:
+    """Each token's start inside its text: the previous token's end, 0 for a text's first."""
+    starts = np.empty_like(enc.ends)
+    starts[1:] = enc.ends[:-1]
+    starts[enc.offsets[:-1][np.diff(enc.offsets) > 0]] = 0
+    return starts
+
+
 def _single_span_mask(tok: Tokenizer, docs: Sequence[Rendered], enc: Encoded) -> np.ndarray:
     """The text tokens' mask when each document has at most one trained span, in each
     document's own coordinates (no global search needed)."""
     n = len(docs)
     seg_lens = np.diff(enc.offsets)
-    ends = enc.ends
-    starts = np.empty_like(ends)
-    starts[1:] = ends[:-1]
-    starts[enc.offsets[:-1][seg_lens > 0]] = 0
-    ends = np.maximum(ends, starts + 1)  # zero-width tokens attach to the next character
+    starts = _token_starts(enc)
+    ends = np.maximum(enc.ends, starts + 1)  # zero-width tokens attach to the next character
     lo = np.zeros(n, dtype=np.int64)
     hi = np.zeros(n, dtype=np.int64)
     to_bytes = tok.unit == "byte"
@@ -253,13 +258,9 @@ def _mask(tok: Tokenizer, docs: Sequence[Rendered], enc: Encoded, kind: np.ndarr
     if is_text.any():
         # a text item's tokens: [piece start + previous token's end, piece start + own end)
         text_tok = is_text[np.repeat(np.arange(len(kind)), item_len)]
-        piece_ends = enc.ends
-        prev = np.empty_like(piece_ends)
-        prev[1:] = piece_ends[:-1]
-        prev[enc.offsets[:-1][np.diff(enc.offsets) > 0]] = 0
         piece_lo = lo[text_tok]
-        lo[text_tok] = piece_lo + prev
-        hi[text_tok] = piece_lo + piece_ends
+        lo[text_tok] = piece_lo + _token_starts(enc)
+        hi[text_tok] = piece_lo + enc.ends
     hi = np.maximum(hi, lo + 1)  # zero-width tokens attach to the next character
     k = np.searchsorted(span_lo, hi, side="left")
     mask = (k > 0) & (span_hi[np.maximum(k - 1, 0)] > lo) if len(span_lo) else np.zeros(len(lo), dtype=bool)
