@@ -130,13 +130,16 @@ class StoreWriter:
         self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir()
         self.dtype = np.dtype(dtype)
+        self._start_arrays()
+        self._done = False
+
+    def _start_arrays(self) -> None:
         self._tokens = _Appender(self.tmp / ARRAYS["tokens"], self.dtype)
-        self._mask = _Appender(self.tmp / ARRAYS["loss_mask"], np.uint8)
-        self._offsets = _Appender(self.tmp / ARRAYS["doc_offsets"], np.int64)
+        self._mask = _Appender(self.tmp / ARRAYS["loss_mask"], np.dtype(np.uint8))
+        self._offsets = _Appender(self.tmp / ARRAYS["doc_offsets"], np.dtype(np.int64))
         self._offsets.append(np.zeros(1, dtype=np.int64))
         self.n_tokens = 0
         self.n_docs = 0
-        self._done = False
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -159,15 +162,11 @@ class StoreWriter:
         """Set aside what was appended (as finished `staged_*.npy` files, whose paths are
         returned) and start empty arrays, for a pass that writes the units in another order."""
         staged = {}
-        for key, name in (("tokens", "_tokens"), ("loss_mask", "_mask"), ("doc_offsets", "_offsets")):
-            appender: _Appender = getattr(self, name)
+        for key, appender in (("tokens", self._tokens), ("loss_mask", self._mask), ("doc_offsets", self._offsets)):
             appender.close()
             staged[key] = appender.path.with_name("staged_" + appender.path.name)
             os.replace(appender.path, staged[key])
-            setattr(self, name, _Appender(appender.path, appender.dtype))
-        self._offsets.append(np.zeros(1, dtype=np.int64))
-        self.n_tokens = 0
-        self.n_docs = 0
+        self._start_arrays()
         return staged
 
     def loss_mask(self) -> np.ndarray:
