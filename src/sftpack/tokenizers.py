@@ -199,10 +199,12 @@ class HFTokenizer(Tokenizer):
                 self.special_tokens[str(added)] = int(token_id)
         self.chat_template = getattr(tokenizer, "chat_template", None)
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._fingerprint: str | None = None
         if self._backend is not None:
             from tokenizers import Tokenizer as RawTokenizer
 
-            self._plain = RawTokenizer.from_str(self._backend.to_str())
+            self.json = self._backend.to_str()  # the state this wrapper encodes with, serialized once
+            self._plain = RawTokenizer.from_str(self.json)
             self._plain.encode_special_tokens = True
             self._plain.no_padding()
             self._plain.no_truncation()
@@ -272,9 +274,14 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
         h = xxhash.xxh3_128()
         if self._backend is not None:
-            h.update(self._backend.to_str().encode())
+            h.update(self.json.encode())
         else:
             try:
                 vocab = sorted(self._tok.get_vocab().items())
@@ -367,7 +374,7 @@ def _accelerate(hf: HFTokenizer) -> Tokenizer:
             os.makedirs(data_dir, exist_ok=True)
             source = os.path.join(data_dir, "tokenizer.json")
             with open(source, "w", encoding="utf-8") as f:
-                f.write(hf._backend.to_str())
+                f.write(hf.json)
             with contextlib.redirect_stdout(io.StringIO()):
                 quicktok.import_tokenizer(source, name, data_dir=data_dir)
         enc = quicktok.get_encoding(name, data_dir=data_dir)
