@@ -174,7 +174,8 @@ def test_rerun_clears_what_a_killed_commit_left(tmp_path, llama3, state):
         tmp.mkdir()
         (tmp / "tokens.npy").write_bytes(b"\0" * 4096)
     summary = build(data, target, options, llama3, progress=False)
-    assert summary.reused == (state == "old_left_after_commit")
+    # a previous store moved aside by a killed commit is put back (and, matching, reused)
+    assert summary.reused == state.startswith("old")
     assert _files(target) == reference
     assert _litter(target) == [], _litter(target)
 

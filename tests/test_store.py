@@ -231,6 +231,13 @@ def test_token_dtype_rejects_empty_vocabulary(bad):
         token_dtype(bad)
 
 
+def _minimal_manifest(vocab: int) -> dict:
+    """What a reader needs besides the files (which the writer adds)."""
+    return {"fingerprint": "test", "seq_length": 4, "counts": {},
+            "options": {"boundaries": False, "mask_cross_document": False, "train_on_prompt": True},
+            "tokenizer": {"name": "test", "vocab_size": vocab}}
+
+
 @pytest.mark.parametrize("vocab", [65_535, 65_536, 65_537, 151_936])
 def test_writer_round_trips_every_id_of_the_vocabulary(tmp_path, vocab):
     ids = np.concatenate([np.arange(vocab, dtype=np.int64), np.arange(vocab - 1, vocab - 300, -1, dtype=np.int64)])
@@ -240,7 +247,7 @@ def test_writer_round_trips_every_id_of_the_vocabulary(tmp_path, vocab):
     with StoreWriter(tmp_path / "s", token_dtype(vocab)) as w:
         w.append(ids[:1000], mask[:1000], np.array([1000], dtype=np.int64))
         w.append(ids[1000:], mask[1000:], np.array([lengths[0] - 1000, lengths[1], lengths[2]], dtype=np.int64))
-        w.commit({"vocab_size": vocab})
+        w.commit(_minimal_manifest(vocab))
     s = open_store(tmp_path / "s", verify=True)
     assert s.tokens.dtype == token_dtype(vocab)
     assert s.manifest["files"]["tokens"]["dtype"] == token_dtype(vocab).name

@@ -32,7 +32,8 @@ from . import __version__
 from .errors import ConfigError, SFTPackError
 from .pack import dropped_tail, num_rows
 from .records import Inputs, Record, RecordReader, expand_inputs, fingerprint_inputs
-from .store import MANIFEST, NPY_HEADER, VERSION, StoreWriter, clean_stale, open_store, token_dtype
+from .store import (MANIFEST, NPY_HEADER, VERSION, StoreWriter, clean_stale, open_store, prepare_target,
+                    target_lock, token_dtype)
 from .templates import Rendered, Schema, Template, make_template
 from .tokenize import EncodedBatch, encode_documents
 from .tokenizers import AcceleratedTokenizer, Tokenizer, load_tokenizer
@@ -165,6 +166,8 @@ def build(
         options = replace(options, seed=secrets.randbits(63))
     elif not options.shuffle and options.seed is not None:
         options = replace(options, seed=None)  # the seed means nothing unshuffled: keep caches shared
+    if out is not None:
+        out = prepare_target(out)  # refused before any work: only an empty dir or our own store is replaced
     paths = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer, threads=workers)
     schema = Schema(options.schema, options.fields)
@@ -177,16 +180,27 @@ def build(
         last_turn_only=options.last_turn_only,
     )
     fp = fingerprint(paths, tok, template, schema, options)
-    out = Path(out) if out is not None else Path(cache_dir) / fp  # type: ignore[arg-type]
-    clean_stale(out)
-    if not force and (out / MANIFEST).is_file():
-        try:
-            store = open_store(out)  # sizes checked: a damaged store is rebuilt, not reused
-        except SFTPackError:
-            store = None
-        if store is not None and store.manifest.get("fingerprint") == fp:
-            return _summary(out, store.manifest, time.perf_counter() - started, reused=True)
+    if out is None:
+        out = prepare_target(Path(cache_dir) / fp)  # type: ignore[arg-type]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with target_lock(out, on_wait=lambda: _waiting(out)):
+        clean_stale(out)
+        if not force and (out / MANIFEST).is_file():
+            try:
+                store = open_store(out)  # sizes checked: a damaged store is rebuilt, not reused
+            except SFTPackError:
+                store = None
+            if store is not None and store.manifest.get("fingerprint") == fp:
+                return _summary(out, store.manifest, time.perf_counter() - started, reused=True)
+        return _write_store(paths, out, fp, tok, schema, template, options, progress, started)
 
+
+def _waiting(out: Path) -> None:
+    print(f"sftpack: waiting for another build of {out} to finish", file=sys.stderr, flush=True)
+
+
+def _write_store(paths: list[Path], out: Path, fp: str, tok: Tokenizer, schema: Schema, template: Template,
+                 options: BuildOptions, progress: bool | None, started: float) -> BuildSummary:
     reader = RecordReader(paths)
     with StoreWriter(out, token_dtype(tok.vocab_size)) as writer:
         special_docs = _encode_all(reader, tok, schema, template, options, writer, progress)
@@ -233,7 +247,7 @@ def build(
             f"{special_docs} documents contain special-token strings in their text; they were "
             + ("parsed as special tokens (the reference behaviour, an injection risk)" if options.special_tokens == "parse"
                else "encoded as plain text"),
-            stacklevel=2,
+            stacklevel=3,
         )
     summary = _summary(out, manifest, time.perf_counter() - started, reused=False)
     summary.tokenizer = tok.summary or tok.name

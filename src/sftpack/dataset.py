@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from .build import BuildOptions, BuildSummary, build
 from .pack import labels_from, mask_cross_document, num_rows, position_ids, row_span, seq_lens
+from .errors import StoreError
 from .store import Store, open_store
 
 
@@ -83,6 +84,7 @@ class PackedSFTDataset(Dataset):
         self.store = store
         self.path = store.path
         manifest = store.manifest
+        self._manifest_checksum = manifest["checksum"]  # workers reopen by path: same store or an error
         options = manifest["options"]
         self.seq_length = int(manifest["seq_length"])
         self.boundaries = bool(options["boundaries"])
@@ -122,6 +124,11 @@ class PackedSFTDataset(Dataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.store = open_store(self.path)
+        if self.store.manifest["checksum"] != self._manifest_checksum:
+            raise StoreError(
+                f"{self.path} was replaced by another build since this dataset opened it; "
+                "recreate the dataset (and its DataLoader) to serve the new store"
+            )
 
 
 def open_packed(path: str | os.PathLike, *, verify: bool = False) -> PackedSFTDataset:

@@ -14,10 +14,14 @@ checksum. The writer and the readers share nothing but this format.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import sys
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,27 +94,122 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+@contextlib.contextmanager
+def target_lock(target: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive `flock` on `.NAME.lock` beside `target` for the whole build.
+
+    A kernel lock, not a PID: it holds across containers, and across nodes on file systems
+    with working locks (NFSv4, Lustre, local disks). Waiters block until the holder is done
+    (`on_wait` is called once first). The holder unlinks the file before unlocking; a waiter
+    that then gets the lock of the unlinked file sees its inode gone and takes a fresh one.
+    """
+    path = target.parent / f".{target.name}.lock"
+    waited = False
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot create the build lock {path}: {exc.strerror}; "
+                             f"choose an --out whose parent directory you can write") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited and on_wait is not None:
+                    on_wait()
+                waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass  # already gone (a hand cleanup): the lock itself is released on close
+        os.close(fd)
 
 
 def clean_stale(target: Path) -> None:
-    """Remove temporary siblings of `target` left by builds whose process is gone."""
-    prefix_tmp, prefix_old = f".{target.name}.tmp-", f".{target.name}.old-"
-    if not target.parent.is_dir():
+    """Remove what builds of `target` killed before they finished left beside it.
+
+    Call only while holding `target_lock(target)`: no other build of `target` can then be
+    running, so every temporary sibling is stale. A previous store moved aside by a commit
+    that was killed between its two renames is put back first, so nothing is lost.
+    """
+    parent = target.parent
+    if not parent.is_dir():
         return
-    for entry in target.parent.iterdir():
-        name = entry.name
-        if name.startswith(prefix_tmp) or name.startswith(prefix_old):
-            pid = name.rsplit("-", 2)[-2]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
+    tmp, old = f".{target.name}.tmp-", f".{target.name}.old-"
+    entries = sorted(parent.iterdir())
+    if not os.path.lexists(target):
+        for entry in entries:
+            if entry.name.startswith(old) and owned_store(entry):
+                os.replace(entry, target)
+                break
+    for entry in entries:
+        if (entry.name.startswith(tmp) or entry.name.startswith(old)) and os.path.lexists(entry):
+            _remove_tree(entry)
+
+
+def _remove_tree(path: Path) -> OSError | None:
+    """Delete a directory sftpack made; return the first error instead of raising it (a
+    full disk must not stop the cleanup that frees it)."""
+    errors: list[OSError] = []
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=lambda fn, p, exc: errors.append(exc))
+    else:
+        shutil.rmtree(path, onerror=lambda fn, p, info: errors.append(info[1]))
+    return errors[0] if errors else None
+
+
+def owned_store(path: Path) -> bool:
+    """True when `path` is a directory holding an sftpack store and nothing else: its
+    manifest names sftpack's format and passes its checksum, every other entry is one of
+    the store's files. Only such a directory (or an empty one) may be replaced."""
+    try:
+        manifest = read_manifest(path)
+    except StoreError:
+        return False
+    own = {MANIFEST, *(str(e.get("path")) for e in manifest["files"].values() if isinstance(e, dict))}
+    return all(entry.name in own for entry in path.iterdir())
+
+
+def prepare_target(target: str | os.PathLike) -> Path:
+    """The directory a build may write, or a `StoreError` before any work is done.
+
+    sftpack replaces only an empty directory or its own complete store. A symlink is
+    followed (the store replaces the directory it points to; the link stays); a dangling
+    link, a file, a mount point (it cannot be renamed) and any other directory are refused.
+    """
+    path = Path(target).absolute()
+    if path.is_symlink():
+        resolved = path.resolve()
+        if not resolved.exists():
+            raise StoreError(f"{path} is a symlink to {resolved}, which does not exist; create it or choose another --out")
+        path = resolved
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise StoreError(f"{path} exists and is not a directory; sftpack will not replace it: choose another --out")
+    if os.path.ismount(path):
+        raise StoreError(f"{path} is a mount point, which sftpack cannot replace atomically; "
+                         f"use a directory inside it, e.g. {path / 'store'}")
+    if any(path.iterdir()) and not owned_store(path):
+        raise StoreError(
+            f"{path} is not empty and is not an sftpack store; sftpack replaces only an empty directory "
+            "or its own complete store: choose another --out (nothing was changed)"
+        )
+    return path
 
 
 class StoreWriter:
@@ -121,22 +220,24 @@ class StoreWriter:
     """
 
     def __init__(self, target: str | os.PathLike, dtype: np.dtype) -> None:
-        self.target = Path(target).absolute()
-        if self.target.exists() and not (self.target / MANIFEST).exists():
-            if not self.target.is_dir() or any(self.target.iterdir()):
-                raise StoreError(f"{self.target} exists and is not an sftpack store; refusing to replace it")
+        self.target = prepare_target(target)
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(self.target)
         self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir()
         self.dtype = np.dtype(dtype)
-        self._start_arrays()
         self._done = False
+        self._appenders: list[_Appender] = []
+        try:
+            self._start_arrays()
+        except BaseException:
+            self.abort()
+            raise
 
     def _start_arrays(self) -> None:
         self._tokens = _Appender(self.tmp / ARRAYS["tokens"], self.dtype)
         self._mask = _Appender(self.tmp / ARRAYS["loss_mask"], np.dtype(np.uint8))
         self._offsets = _Appender(self.tmp / ARRAYS["doc_offsets"], np.dtype(np.int64))
+        self._appenders = [self._tokens, self._mask, self._offsets]
         self._offsets.append(np.zeros(1, dtype=np.int64))
         self.n_tokens = 0
         self.n_docs = 0
@@ -146,7 +247,9 @@ class StoreWriter:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         if exc_type is not None or not self._done:
-            self.abort()
+            error = self.abort()
+            if error is not None and exc is not None and hasattr(exc, "add_note"):
+                exc.add_note(f"sftpack: removing {self.tmp} failed too: {error}")
         return False
 
     def append(self, tokens: np.ndarray, mask: np.ndarray, unit_lengths: np.ndarray) -> None:
@@ -210,21 +313,34 @@ class StoreWriter:
             os.fsync(f.fileno())
         os.replace(tmp_manifest, self.tmp / MANIFEST)
         _fsync_dir(self.tmp)
+        prepare_target(self.target)  # still empty or our own store: nothing was put there meanwhile
         old = None
-        if self.target.exists():
+        if os.path.lexists(self.target):
             old = self.target.parent / f".{self.target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
+        try:
+            os.replace(self.tmp, self.target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, self.target)  # the previous store goes back where it was
+            raise
+        self._done = True
         _fsync_dir(self.target.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        self._done = True
+            _remove_tree(old)  # best effort: a leftover is removed by the next build of this target
         return self.target
 
-    def abort(self) -> None:
-        for a in (self._tokens, self._mask, self._offsets):
-            a.discard()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+    def abort(self) -> OSError | None:
+        """Remove the temporary directory. Never raises: on a full disk closing a file fails
+        again, and that must not keep the disk full. Returns the first error met."""
+        first: OSError | None = None
+        for appender in self._appenders:
+            try:
+                appender.discard()
+            except OSError as exc:
+                first = first or exc
+        removal = _remove_tree(self.tmp) if os.path.lexists(self.tmp) else None
+        return first or removal
 
 
 @dataclass(frozen=True)
@@ -247,7 +363,46 @@ def _manifest_checksum(manifest: dict[str, Any]) -> str:
     return xxhash.xxh3_128_hexdigest(json.dumps(body, sort_keys=True).encode())
 
 
+_ARRAY_DTYPES = {"tokens": ("uint16", "uint32"), "loss_mask": ("uint8",), "doc_offsets": ("int64",)}
+
+
+def _shape_error(manifest: dict[str, Any]) -> str | None:
+    """Why a checksum-valid manifest still cannot describe a store this version can serve
+    (a hand edit with a recomputed checksum), or None."""
+
+    def count(v: Any, low: int = 0) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if not isinstance(manifest.get("fingerprint"), str):
+        return "no fingerprint"
+    if not count(manifest.get("seq_length"), 1):
+        return f"seq_length {manifest.get('seq_length')!r} is not a positive integer"
+    options, tok, counts = manifest.get("options"), manifest.get("tokenizer"), manifest.get("counts")
+    if not isinstance(options, dict) or not all(
+            isinstance(options.get(k), bool) for k in ("boundaries", "mask_cross_document", "train_on_prompt")):
+        return "options are missing or not booleans"
+    if not isinstance(tok, dict) or not count(tok.get("vocab_size"), 1) or not isinstance(tok.get("name"), str):
+        return "the tokenizer record has no name or vocabulary size"
+    if not isinstance(counts, dict) or not all(count(v) for v in counts.values()):
+        return "counts are missing or not non-negative integers"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(ARRAYS):
+        return f"files must list exactly {sorted(ARRAYS)}"
+    for key, entry in files.items():
+        # exact names only: an entry may never point outside the store (`../x`, `/etc/passwd`)
+        if not isinstance(entry, dict) or entry.get("path") != ARRAYS[key]:
+            return f"file entry {key!r} must be the plain name {ARRAYS[key]!r}"
+        if entry.get("dtype") not in _ARRAY_DTYPES[key]:
+            return f"{key} dtype {entry.get('dtype')!r} is not one of {_ARRAY_DTYPES[key]}"
+        if not count(entry.get("length")) or not count(entry.get("bytes")) or not isinstance(entry.get("xxh3_128"), str):
+            return f"file entry {key!r} lacks a length, size or checksum"
+    if files["tokens"]["dtype"] != token_dtype(tok["vocab_size"]).name:
+        return "the token dtype does not match the vocabulary size"
+    return None
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a complete store, checked: format, version, checksum and shape."""
     root = Path(path)
     file = root / MANIFEST
     if not file.is_file():
@@ -255,10 +410,11 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with open(file, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise StoreError(f"{file}: unreadable manifest: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise StoreError(f"{file}: not an sftpack store manifest (format {manifest.get('format')!r})")
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise StoreError(f"{file}: not an sftpack store manifest (format {found!r})")
     if manifest.get("version") != VERSION:
         raise StoreError(
             f"{file}: store format version {manifest.get('version')!r} is not supported "
@@ -266,18 +422,36 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         )
     if manifest.get("checksum") != _manifest_checksum(manifest):
         raise StoreError(f"{file}: checksum mismatch (the manifest is corrupt or was edited)")
+    problem = _shape_error(manifest)
+    if problem is not None:
+        raise StoreError(f"{file}: {problem}; rebuild the store")
     return manifest
 
 
+def _check_offsets(root: Path, offsets: np.ndarray, n_tokens: int) -> None:
+    """Offsets must start at 0, never decrease and end at the token count: anything else
+    would serve negative positions or rows from outside the stream. One pass over the
+    offsets (8 bytes a document), in chunks so the check does not hold them in memory."""
+    if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != n_tokens:
+        raise StoreError(f"{root}: document offsets must start at 0 and end at the token count ({n_tokens})")
+    step = 1 << 22
+    for lo in range(0, len(offsets) - 1, step):
+        chunk = np.asarray(offsets[lo : lo + step + 1])
+        if (chunk[1:] < chunk[:-1]).any():
+            raise StoreError(f"{root}: document offsets decrease (the store is corrupt); rebuild it")
+
+
 def open_store(path: str | os.PathLike, *, verify: bool = False) -> Store:
-    """Memory-map a committed store, checking file sizes (and checksums with `verify`)."""
+    """Memory-map a committed store after the checks that keep impossible rows from being
+    served: manifest shape, file names and sizes, array dtypes and lengths, offsets.
+    `verify` also checks every checksum and that every id lies inside the vocabulary."""
     root = Path(path)
     manifest = read_manifest(root)
     arrays = {}
     for key, entry in manifest["files"].items():
         file = root / entry["path"]
-        if not file.is_file():
-            raise StoreError(f"{file}: missing from the store")
+        if file.is_symlink() or not file.is_file():
+            raise StoreError(f"{file}: missing from the store (or not a regular file)")
         size = file.stat().st_size
         if size != entry["bytes"]:
             raise StoreError(f"{file}: {size} bytes, the manifest says {entry['bytes']} (truncated or altered)")
@@ -290,13 +464,16 @@ def open_store(path: str | os.PathLike, *, verify: bool = False) -> Store:
         if arr.dtype.name != entry["dtype"] or arr.shape != (entry["length"],):
             raise StoreError(f"{file}: holds {arr.dtype}{arr.shape}, the manifest says {entry['dtype']}[{entry['length']}]")
         arrays[key] = arr
-    for key in ARRAYS:
-        if key not in arrays:
-            raise StoreError(f"{root}: the manifest lists no {key!r} array")
-    offsets = arrays["doc_offsets"]
-    if len(arrays["tokens"]) != len(arrays["loss_mask"]) or (len(offsets) and offsets[-1] != len(arrays["tokens"])):
-        raise StoreError(f"{root}: array lengths disagree (tokens, loss mask and document offsets)")
-    return Store(root, manifest, arrays["tokens"], arrays["loss_mask"], arrays["doc_offsets"])
+    tokens, offsets = arrays["tokens"], arrays["doc_offsets"]
+    if len(tokens) != len(arrays["loss_mask"]):
+        raise StoreError(f"{root}: array lengths disagree (tokens and loss mask)")
+    _check_offsets(root, offsets, len(tokens))
+    if verify:
+        vocab = manifest["tokenizer"]["vocab_size"]
+        for lo in range(0, len(tokens), 1 << 24):
+            if int(tokens[lo : lo + (1 << 24)].max()) >= vocab:
+                raise StoreError(f"{root / ARRAYS['tokens']}: holds a token id outside the vocabulary (size {vocab})")
+    return Store(root, manifest, tokens, arrays["loss_mask"], offsets)
 
 
 def verify_store(path: str | os.PathLike) -> Store:
