@@ -41,5 +41,5 @@ def test_check_isolation_command_fails_when_the_tolerance_is_impossible(tmp_path
 
 
 def test_missing_store_is_an_error_not_a_traceback(tmp_path, capsys):
-    assert main(["verify", str(tmp_path / "nothing")]) == 2
+    assert main(["verify", str(tmp_path / "nothing")]) == 1
     assert "manifest.json is missing" in capsys.readouterr().err

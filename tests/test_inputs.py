@@ -214,7 +214,7 @@ def test_cli_rejects_seq_length_zero(jsonl, tmp_path, capsys):
     from sftpack.cli import main
 
     out = tmp_path / "store"
-    assert main(["build", str(jsonl(RECORDS)), "--out", str(out), "--seq-length", "0", "--quiet"]) == 2
+    assert main(["build", str(jsonl(RECORDS)), "--out", str(out), "--seq-length", "0", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("sftpack: error: ") and "seq_length" in err
     assert not out.exists()
@@ -251,7 +251,7 @@ def test_tokenizer_without_eos_and_bos_file_and_cli(jsonl, tmp_path, capsys):
         PackedSFTDataset(str(tok_file), jsonl(RECORDS), seq_length=4)
     out = tmp_path / "store"
     code = main(["build", str(jsonl(RECORDS)), "--out", str(out), "--seq-length", "4", "--tokenizer", str(tok_file)])
-    assert code == 2
+    assert code == 1
     err = capsys.readouterr().err
     assert err.startswith("sftpack: error: ") and "EOS" in err
     assert not out.exists()
@@ -564,7 +564,7 @@ def test_failed_cli_build_creates_nothing(tmp_path, capsys, monkeypatch, small_b
     work.mkdir()
     out = work / "store"
     code = main(["build", str(bad), "--out", str(out), "--seq-length", "8", "--quiet"])
-    assert code == 2
+    assert code == 1
     err = capsys.readouterr().err
     assert err.startswith(f"sftpack: error: {bad}:41: ")
     assert not out.exists()
@@ -587,7 +587,7 @@ def test_failed_cli_build_keeps_the_previous_store(tmp_path, jsonl, capsys, monk
 
     bad = _bad_input(tmp_path)
     code = main(["build", str(bad), "--out", str(out), "--seq-length", "8", "--quiet", *extra])
-    assert code == 2
+    assert code == 1
     assert f"{bad}:41: " in capsys.readouterr().err
     assert _snapshot(work) == before  # the store, byte for byte, and nothing beside it
     assert sorted(os.listdir(work)) == ["store"]

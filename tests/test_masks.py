@@ -289,7 +289,7 @@ def test_a_chat_dataset_with_nothing_supervised_is_an_error(jsonl, tmp_path, cap
     out = tmp_path / "store"
     code = main(["build", str(path), "--out", str(out), "--seq-length", "4", "--template", template,
                  "--no-train-on-prompt", "--quiet"])
-    assert code == 2 and "supervised" in capsys.readouterr().err
+    assert code == 1 and "supervised" in capsys.readouterr().err
     assert not out.exists()
     # the same data trained on the prompt is fine
     assert build(path, template=template).summary.supervised_tokens > 0
@@ -488,11 +488,11 @@ def test_inspect_a_continued_document_row(jsonl, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("row", ["99", "-1"])
-def test_inspect_out_of_range_row_is_exit_code_2(masked_store, capsys, row):
+def test_inspect_out_of_range_row_is_exit_code_1(masked_store, capsys, row):
     n = len(open_packed(masked_store))
     capsys.readouterr()
-    assert main(["inspect", str(masked_store), "--row", row, "--color", "never"]) == 2
+    assert main(["inspect", str(masked_store), "--row", row, "--color", "never"]) == 1
     err = capsys.readouterr().err
     assert "out of range" in err and f"{n} rows" in err
-    assert main(["inspect", str(masked_store), "--row", str(n), "--color", "never"]) == 2
+    assert main(["inspect", str(masked_store), "--row", str(n), "--color", "never"]) == 1
     assert main(["inspect", str(masked_store), "--row", str(n - 1), "--color", "never"]) == 0

@@ -37,10 +37,18 @@ def _peak_rss_mb(corpus, out, *flags) -> float:
     return int(done.stdout.split()[-1]) / 1024
 
 
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rss")
+    return _corpus(root / "small.jsonl", 48), _corpus(root / "large.jsonl", 144)
+
+
 @pytest.mark.parametrize("flags", [(), ("--shuffle", "--seed", "1", "--no-train-on-prompt")])
-def test_peak_rss_is_flat_in_input_size(tmp_path, flags):
-    small = _peak_rss_mb(_corpus(tmp_path / "small.jsonl", 24), tmp_path / "s", *flags)
-    large = _peak_rss_mb(_corpus(tmp_path / "large.jsonl", 72), tmp_path / "l", *flags)
-    # both past the pipeline's steady state (a few 4 MB batches in flight); 3x the input: holding
-    # the token stream and mask would add ~30 MB, the rendered text ~48 MB
+def test_peak_rss_is_flat_in_input_size(tmp_path, corpora, flags):
+    # Peak RSS depends on how many batches happen to be in flight at once (thread timing):
+    # up to ~25 MB between two runs of one build. Take each size's lower peak of two runs.
+    small = min(_peak_rss_mb(corpora[0], tmp_path / f"s{i}", *flags) for i in range(2))
+    large = min(_peak_rss_mb(corpora[1], tmp_path / f"l{i}", *flags) for i in range(2))
+    # both past the pipeline's warm-up (it ends after about 60 MB of input); 3x the input:
+    # holding the token stream and mask would add ~60 MB, the rendered text ~96 MB
     assert large - small < 20, (small, large)

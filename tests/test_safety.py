@@ -67,13 +67,13 @@ def test_issue_example_a_data_dir_with_a_manifest_is_refused_and_kept(tmp_path, 
     (data / MANIFEST).write_text("{}")
     before = _tree(data)
     rc = main(["build", str(data / "train.jsonl"), "--out", str(data), "--seq-length", "64", "--quiet"])
-    assert rc != 0
+    assert rc == 1
     err = capsys.readouterr().err
     assert str(data) in err and "not an sftpack store" in err
     assert _tree(data) == before
     # `--out .` in the same directory
     monkeypatch.chdir(data)
-    assert main(["build", "train.jsonl", "--out", ".", "--seq-length", "64", "--quiet"]) != 0
+    assert main(["build", "train.jsonl", "--out", ".", "--seq-length", "64", "--quiet"]) == 1
     assert _tree(data) == before
 
 
@@ -454,7 +454,7 @@ def test_verify_checks_every_id_is_inside_the_vocabulary(store):
     open_packed(store)  # the cheap open checks structure only
     with pytest.raises(StoreError, match="outside the vocabulary"):
         open_packed(store, verify=True)
-    assert main(["verify", str(store)]) != 0
+    assert main(["verify", str(store)]) == 1
 
 
 # --------------------------------------------------------------------------- a dataset never switches stores
@@ -534,3 +534,23 @@ def test_fuzzed_manifests_and_offsets_give_store_errors_or_sound_rows(store):
             pass
 
     run()
+
+
+def test_input_changed_between_fingerprint_and_read_is_refused(tmp_path, llama3, monkeypatch):
+    """The fingerprint must describe the bytes the store is built from: a file appended to
+    after the reader recorded it (before hashing) fails the build instead of caching a lie."""
+    from sftpack.errors import InputError
+    from sftpack.records import RecordReader
+
+    data = _jsonl(tmp_path / "data.jsonl", _rows(30))
+
+    class Appended(RecordReader):
+        def __init__(self, paths):
+            super().__init__(paths)
+            with open(data, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"prompt": "late", "response": "record"}) + "\n")
+
+    monkeypatch.setattr(sftpack.build, "RecordReader", Appended)
+    with pytest.raises(InputError, match="changed while it was read"):
+        build(data, tmp_path / "store", OPTIONS, llama3, progress=False)
+    assert not (tmp_path / "store").exists()

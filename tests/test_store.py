@@ -96,7 +96,7 @@ def test_flipped_array_byte_fails_verify_naming_the_file(store, capsys, name, wh
     pos = {"header": 20, "first_data": 128, "middle": 128 + (size - 128) // 2, "last": size - 1}[where]
     _flip(path, pos)
     rc, err = _verify_cli(store, capsys)
-    assert rc == 2
+    assert rc == 1
     assert name in err and "error" in err
     with pytest.raises(StoreError, match=name.replace(".", r"\.")):
         verify_store(store)
@@ -113,7 +113,7 @@ def test_flipped_manifest_byte_fails_verify_naming_the_manifest(store, capsys, w
     pos = {"first": 0, "quarter": size // 4, "middle": size // 2, "last": size - 1}[where]
     _flip(path, pos)
     rc, err = _verify_cli(store, capsys)
-    assert rc == 2
+    assert rc == 1
     assert MANIFEST in err
     with pytest.raises(StoreError, match=r"manifest\.json"):
         open_store(store)
@@ -134,7 +134,7 @@ def test_single_bit_flip_in_a_manifest_value_fails_verify(store, capsys, field):
     json.loads(path.read_text())  # still parses
     rc, err = _verify_cli(store, capsys)
     altered = json.loads(path.read_text())
-    assert rc == 2, (
+    assert rc == 1, (
         f"verify accepted a manifest whose {field} was altered "
         f"(seq_length now {altered['seq_length']}, documents now {altered['counts']['documents']})"
     )
@@ -171,14 +171,14 @@ def test_missing_manifest_is_a_store_error(store, capsys):
     with pytest.raises(StoreError):
         read_manifest(store)
     rc, err = _verify_cli(store, capsys)
-    assert rc == 2 and MANIFEST in err
+    assert rc == 1 and MANIFEST in err
 
 
 def test_missing_directory_is_a_store_error(tmp_path, capsys):
     with pytest.raises(StoreError):
         open_store(tmp_path / "nowhere")
     rc, err = _verify_cli(tmp_path / "nowhere", capsys)
-    assert rc == 2 and err
+    assert rc == 1 and err
 
 
 @pytest.mark.parametrize("version", [2, 0, "1", None])
@@ -191,7 +191,7 @@ def test_unknown_manifest_version_is_refused(store, capsys, version):
         open_store(store)
     assert repr(version) in str(info.value) and "rebuild" in str(info.value)
     rc, err = _verify_cli(store, capsys)
-    assert rc == 2 and "version" in err
+    assert rc == 1 and "version" in err
 
 
 def test_wrong_format_name_is_refused(store):

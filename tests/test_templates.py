@@ -190,10 +190,10 @@ def test_field_remapping_via_the_cli(jsonl, tmp_path, capsys):
     assert reopened.store.manifest["options"]["fields"] == {"prompt": "question", "response": "answer"}
 
 
-def test_malformed_cli_field_is_exit_code_2(jsonl, tmp_path, capsys):
+def test_malformed_cli_field_is_exit_code_1(jsonl, tmp_path, capsys):
     code = main(["build", str(jsonl([{"prompt": "p", "response": "r"}])), "--out", str(tmp_path / "s"),
                  "--seq-length", "4", "--field", "prompt"])
-    assert code == 2
+    assert code == 1
     assert "--field" in capsys.readouterr().err
 
 
@@ -255,7 +255,7 @@ def test_bad_prompt_response_record_is_an_input_error_with_file_and_line(jsonl, 
 def test_input_errors_are_reported_by_the_cli_with_file_and_line(jsonl, tmp_path, capsys):
     path = jsonl([messages(("user", "Hi"), ("assistant", "Hello.")), {"messages": []}])
     code = main(["build", str(path), "--out", str(tmp_path / "s"), "--seq-length", "4", "--template", "chat"])
-    assert code == 2
+    assert code == 1
     assert f"{path}:2:" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 

@@ -77,6 +77,8 @@ class BuildOptions:
             raise ConfigError(f"special_tokens={self.special_tokens!r} is not one of 'parse', 'text'")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
             raise ConfigError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and self.seed < 0:  # numpy's generators take non-negative seeds only
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
         Schema(self.schema, self.fields)
 
 
@@ -124,11 +126,11 @@ class BuildSummary:
         return out
 
 
-def fingerprint(paths: list[Path], tok: Tokenizer, template: Template, schema: Schema, opts: BuildOptions) -> str:
+def fingerprint(reader: RecordReader, tok: Tokenizer, template: Template, schema: Schema, opts: BuildOptions) -> str:
     """Hash of everything that decides the store's bytes (not paths, mtimes or worker counts)."""
     parts = {
         "format_version": VERSION,
-        "inputs": fingerprint_inputs(paths),
+        "inputs": fingerprint_inputs(reader.paths, reader.stamps),
         "tokenizer": tok.fingerprint(),
         "template": template.fingerprint(),
         "schema": schema.fingerprint(),
@@ -179,7 +181,8 @@ def build(
         special_tokens=list(tok.special_tokens),
         last_turn_only=options.last_turn_only,
     )
-    fp = fingerprint(paths, tok, template, schema, options)
+    reader = RecordReader(paths)  # records each file's size and mtime: the fingerprint and the read must agree
+    fp = fingerprint(reader, tok, template, schema, options)
     if out is None:
         out = prepare_target(Path(cache_dir) / fp)  # type: ignore[arg-type]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,16 +195,15 @@ def build(
                 store = None
             if store is not None and store.manifest.get("fingerprint") == fp:
                 return _summary(out, store.manifest, time.perf_counter() - started, reused=True)
-        return _write_store(paths, out, fp, tok, schema, template, options, progress, started)
+        return _write_store(reader, out, fp, tok, schema, template, options, progress, started)
 
 
 def _waiting(out: Path) -> None:
     print(f"sftpack: waiting for another build of {out} to finish", file=sys.stderr, flush=True)
 
 
-def _write_store(paths: list[Path], out: Path, fp: str, tok: Tokenizer, schema: Schema, template: Template,
+def _write_store(reader: RecordReader, out: Path, fp: str, tok: Tokenizer, schema: Schema, template: Template,
                  options: BuildOptions, progress: bool | None, started: float) -> BuildSummary:
-    reader = RecordReader(paths)
     with StoreWriter(out, token_dtype(tok.vocab_size)) as writer:
         special_docs = _encode_all(reader, tok, schema, template, options, writer, progress)
         if options.shuffle:
@@ -462,12 +464,13 @@ def _supervision(writer: StoreWriter, n_tokens: int, seq_length: int) -> tuple[i
     """(rows, supervised label tokens in rows, rows whose labels are all masked)."""
     rows = num_rows(n_tokens, seq_length)
     supervised = empty = 0
-    step = max(1, (1 << 24) // seq_length)
+    step = max(1, (1 << 22) // seq_length)
+    path = writer.loss_mask_path()
     for r in range(0, rows, step):
         r_end = min(rows, r + step)
-        mask = writer.loss_mask()  # mapped afresh per chunk, so RSS stays bounded
-        labels = np.asarray(mask[r * seq_length + 1 : r_end * seq_length + 1]).reshape(r_end - r, seq_length)
-        del mask
+        # read, not mapped: every page of a map counts in RSS while it is mapped
+        labels = np.fromfile(path, dtype=np.uint8, count=(r_end - r) * seq_length,
+                             offset=NPY_HEADER + r * seq_length + 1).reshape(r_end - r, seq_length)
         per_row = labels.sum(axis=1, dtype=np.int64)
         supervised += int(per_row.sum())
         empty += int((per_row == 0).sum())

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
-from .errors import SFTPackError
+from .errors import ConfigError, SFTPackError
 
 
 def _fields(pairs: Sequence[str]) -> dict[str, str]:
@@ -15,16 +17,21 @@ def _fields(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, key = pair.partition("=")
         if not sep or not name or not key:
-            raise SFTPackError(f"--field takes NAME=KEY (for example prompt=question), got {pair!r}")
+            raise ConfigError(f"--field takes NAME=KEY (for example prompt=question), got {pair!r}")
         out[name] = key
     return out
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sftpack", description="Pack SFT data into fixed-length training sequences.")
+    # --debug is accepted before and after the command; SUPPRESS keeps one from resetting the other
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, show the Python traceback")
+    p = argparse.ArgumentParser(prog="sftpack", description="Pack SFT data into fixed-length training sequences.",
+                                parents=[debug])
     sub = p.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="build (or reuse) a packed store")
+    b = sub.add_parser("build", help="build (or reuse) a packed store", parents=[debug])
     b.add_argument("inputs", nargs="+", help="input files, directories or globs (.jsonl[.gz|.zst], .json, .parquet)")
     b.add_argument("--out", required=True, help="store directory to write")
     b.add_argument("--seq-length", type=int, required=True)
@@ -42,19 +49,21 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--mask-cross-document", action="store_true", help="mask labels that cross into the next document")
     b.add_argument("--workers", type=int, default=0, help="tokenizer threads (0: all cores)")
     b.add_argument("--force", action="store_true", help="rebuild even if the store is up to date")
-    b.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    b.add_argument("--quiet", action="store_true", help="no progress bar, no summary (warnings are still shown)")
 
-    v = sub.add_parser("verify", help="check every checksum of a store")
+    v = sub.add_parser("verify", help="check every checksum of a store", parents=[debug])
     v.add_argument("store")
 
-    i = sub.add_parser("inspect", help="print a row decoded, with boundaries and masked tokens marked")
+    i = sub.add_parser("inspect", help="print a row decoded, with boundaries and masked tokens marked",
+                       parents=[debug])
     i.add_argument("store")
     i.add_argument("--row", type=int, default=0)
     i.add_argument("--tokenizer", default=None, help="override the tokenizer recorded in the store")
     i.add_argument("--color", choices=("auto", "always", "never"), default="auto")
 
     c = sub.add_parser("check-isolation",
-                       help="prove packed rows give the same per-token loss as documents run alone (tiny random Llama)")
+                       help="prove packed rows give the same per-token loss as documents run alone (tiny random Llama)",
+                       parents=[debug])
     c.add_argument("store")
     c.add_argument("--rows", type=int, default=4)
     c.add_argument("--seed", type=int, default=0)
@@ -63,30 +72,70 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command. Every failure is one line on stderr and exit status 1 (2: a usage
+    error, from argparse; 130: interrupted); `--debug` shows the traceback instead."""
     args = _parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
-        if args.command == "build":
-            return _build(args)
-        if args.command == "verify":
-            from .store import verify_store
-
-            store = verify_store(args.store)
-            print(f"ok: {store.path} ({len(store.tokens):,} tokens, every checksum matches)")
-            return 0
-        if args.command == "inspect":
-            from .inspect import render_row
-
-            print(render_row(args.store, args.row, tokenizer=args.tokenizer, color=args.color))
-            return 0
-        if args.command == "check-isolation":
-            from .isolation import check_isolation
-
-            report = check_isolation(args.store, rows=args.rows, seed=args.seed, atol=args.atol)
-            print("\n".join(report.lines()))
-            return 0 if report.passed else 1
+        code = _run(args)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled
+        return code
+    except BrokenPipeError:
+        # the reader went away (`sftpack inspect ... | head -1`): stop quietly, and point stdout
+        # at devnull so that the interpreter's final flush does not complain (Python's recipe)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("sftpack: interrupted", file=sys.stderr)
+        return 130
     except SFTPackError as exc:
-        print(f"sftpack: error: {exc}", file=sys.stderr)
-        return 2
+        if debug:
+            raise
+        _error(str(exc))
+        return 1
+    except OSError as exc:  # a full disk, a permission: the system's words and the path say it all
+        if debug:
+            raise
+        _error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else f"{exc.strerror or exc}")
+        return 1
+    except Exception as exc:
+        if debug:
+            raise
+        what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        _error(f"{what} (unexpected; rerun with --debug for the traceback)")
+        return 1
+
+
+def _error(message: str) -> None:
+    print("sftpack: error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()),
+          file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "build":
+        return _build(args)
+    if args.command == "verify":
+        from .store import verify_store
+
+        store = verify_store(args.store)
+        print(f"ok: {store.path} ({len(store.tokens):,} tokens, every checksum matches)")
+        return 0
+    if args.command == "inspect":
+        from .inspect import render_row
+
+        print(render_row(args.store, args.row, tokenizer=args.tokenizer, color=args.color))
+        return 0
+    if args.command == "check-isolation":
+        from .isolation import check_isolation
+
+        report = check_isolation(args.store, rows=args.rows, seed=args.seed, atol=args.atol)
+        print("\n".join(report.lines()))
+        return 0 if report.passed else 1
     return 1
 
 
@@ -106,13 +155,29 @@ def _build(args: argparse.Namespace) -> int:
         boundaries=args.boundaries,
         mask_cross_document=args.mask_cross_document,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the summary reports the same counts
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         summary = build(args.inputs, args.out, options, args.tokenizer, workers=args.workers,
                         progress=False if args.quiet else None, force=args.force)
     if not args.quiet:
         print("\n".join(summary.lines()))
+    for line in _warnings(summary, caught, args):
+        print(f"sftpack: warning: {line}", file=sys.stderr)
     return 0
+
+
+def _warnings(summary: Any, caught: list[warnings.WarningMessage], args: argparse.Namespace) -> list[str]:
+    """Warnings for stderr: the summary's WARNING lines when --quiet hides the summary (from its
+    counts, so a reused store warns too), and any warning the summary does not hold, once."""
+    out = []
+    if args.quiet and summary.rows_without_supervision:
+        out.append(f"{summary.rows_without_supervision:,} rows have no supervised token")
+    if args.quiet and summary.special_token_documents:
+        out.append(f"{summary.special_token_documents:,} documents hold special-token strings in their text; "
+                   + ("they were parsed as special tokens (an injection risk; --special-tokens text keeps them "
+                      "as text)" if args.special_tokens == "parse" else "they were encoded as plain text"))
+    out.extend(str(w.message) for w in caught if "special-token strings" not in str(w.message))
+    return list(dict.fromkeys(out))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ stage can report `file:line`. Files are streamed; nothing here knows about token
 
 from __future__ import annotations
 
+import decimal
 import glob
 import gzip
 import io
 import json
 import os
 import re
+import stat
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Union
@@ -48,22 +51,47 @@ def expand_inputs(inputs: Inputs) -> list[Path]:
     for item in items:
         text = os.fspath(item)
         if any(ch in text for ch in "*?["):
-            matches = [Path(m) for m in glob.glob(text, recursive=True) if os.path.isfile(m)]
+            # a matched directory is skipped unless it is named like data (Spark's `x.parquet/`)
+            matches = [Path(m) for m in glob.glob(text, recursive=True)
+                       if not os.path.isdir(m) or _format_of(Path(m), strict=False)]
             if not matches:
                 raise ConfigError(f"input pattern {text!r} matches no file")
             found.extend(matches)
         elif os.path.isdir(text):
-            matches = [p for p in Path(text).iterdir() if p.is_file() and _format_of(p, strict=False)]
+            try:
+                matches = [p for p in Path(text).iterdir() if _format_of(p, strict=False)]
+            except OSError as exc:
+                raise InputError(text, None, f"cannot list the directory: {exc.strerror or exc}") from None
             if not matches:
-                raise ConfigError(f"input directory {text!r} holds no .jsonl/.json/.parquet file")
+                raise ConfigError(f"input directory {text!r} holds no {', '.join(_FORMATS)} file")
             found.extend(matches)
-        elif os.path.isfile(text):
-            found.append(Path(text))
         else:
-            raise ConfigError(f"input file {text!r} does not exist")
+            found.append(Path(text))
     for path in found:
+        _check_regular(path)
         _format_of(path)
     return sorted(set(found), key=lambda p: os.fspath(p))
+
+
+def _check_regular(path: Path) -> None:
+    """Refuse what is not a regular file, saying what it is: anything named like data is
+    refused rather than skipped, so that no data is silently left out."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        what = "is a broken symbolic link" if os.path.islink(path) else "does not exist"
+        raise ConfigError(f"input file {os.fspath(path)!r} {what}") from None
+    except OSError as exc:
+        raise InputError(path, None, f"cannot access the file: {exc.strerror or exc}") from None
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise InputError(path, None, "is a directory inside an input directory or pattern; directories are "
+                                     "not searched recursively: pass it (or a glob of its files) as an input")
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    raise InputError(path, None, f"is {kind}, not a regular file; sftpack reads every input twice "
+                                 "(to fingerprint it, then to build): save the data to a file first")
 
 
 def _format_of(path: Path, strict: bool = True) -> str | None:
@@ -76,18 +104,43 @@ def _format_of(path: Path, strict: bool = True) -> str | None:
     return None
 
 
-def fingerprint_inputs(paths: Sequence[Path]) -> str:
-    """A hash of the input files' bytes and formats, in order (not their names or mtimes)."""
+def fingerprint_inputs(paths: Sequence[Path], stamps: Sequence[tuple[int, int]] | None = None) -> str:
+    """A hash of the input files' bytes and formats, in order (not their names or mtimes).
+    `stamps` (a `RecordReader`'s): the files must still be as the reader found them, so the
+    hash describes exactly what the reader reads."""
     h = xxhash.xxh3_128()
-    for path in paths:
+    for i, path in enumerate(paths):
         h.update(f"{_format_of(path)}\0".encode())
-        with open(path, "rb") as f:
+        with _open(path) as f:
+            before = _stamp(os.fstat(f.fileno()))
+            if stamps is not None:
+                _check_unchanged(path, stamps[i], before)
             size = 0
             while chunk := f.read(1 << 22):
                 h.update(chunk)
                 size += len(chunk)
+            _check_unchanged(path, before, _stamp(os.fstat(f.fileno())), size)
         h.update(f"\0{size}\0".encode())
     return h.hexdigest()
+
+
+def _open(path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise InputError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int]:
+    return st.st_size, st.st_mtime_ns
+
+
+def _check_unchanged(path: Path, before: tuple[int, int], after: tuple[int, int], size: int | None = None) -> None:
+    """A file written to while it is read gives a store of neither version (and a fingerprint
+    that does not describe it): refuse it."""
+    if after != before or (size is not None and size != before[0]):
+        raise InputError(path, None, f"the file changed while it was read ({before[0]:,} bytes, then "
+                                     f"{after[0]:,}); rerun once it is complete")
 
 
 class RecordReader:
@@ -95,7 +148,13 @@ class RecordReader:
 
     def __init__(self, paths: Sequence[Path]) -> None:
         self.paths = list(paths)
-        self.total_bytes = sum(p.stat().st_size for p in self.paths)
+        self.stamps: list[tuple[int, int]] = []  # (size, mtime) of each file, checked again after reading
+        for path in self.paths:
+            try:
+                self.stamps.append(_stamp(path.stat()))
+            except OSError as exc:
+                raise InputError(path, None, f"cannot access the file: {exc.strerror or exc}") from None
+        self.total_bytes = sum(size for size, _ in self.stamps)
         self._done_bytes = 0
         self._raw: BinaryIO | None = None
 
@@ -107,7 +166,7 @@ class RecordReader:
         return self._done_bytes + pos
 
     def __iter__(self) -> Iterator[Record]:
-        for path in self.paths:
+        for path, stamp in zip(self.paths, self.stamps):
             count = 0
             fmt = _format_of(path)
             if fmt == ".parquet":
@@ -116,38 +175,53 @@ class RecordReader:
                 reader = self._json_array(path)
             else:
                 reader = self._jsonl(path, fmt)
-            for record in reader:
-                count += 1
-                yield record
-            self._done_bytes += path.stat().st_size
+            try:
+                for record in reader:
+                    count += 1
+                    yield record
+                after = _stamp(path.stat())
+            except OSError as exc:  # a failing disk or network file system
+                raise InputError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
+            _check_unchanged(path, stamp, after)
+            self._done_bytes += stamp[0]
             self._raw = None
             if count == 0:
                 raise InputError(path, None, "the file holds no documents (it is empty or blank)")
 
     def _jsonl(self, path: Path, fmt: str) -> Iterator[Record]:
         source = str(path)
-        with open(path, "rb") as raw:
+        lineno = 0
+        with _open(path) as raw:
             self._raw = raw
             stream: BinaryIO = raw
             if fmt == ".jsonl.gz":
-                stream = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
+                stream = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]  # checks CRC and length
             elif fmt == ".jsonl.zst":
-                import zstandard
-
-                stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))  # type: ignore[assignment]
+                stream = io.BufferedReader(_ZstdReader(raw), 1 << 20)  # type: ignore[assignment]
             fast = msgspec.json.Decoder().decode
-            for lineno, raw_line in enumerate(stream, 1):
-                if lineno == 1 and raw_line.startswith(b"\xef\xbb\xbf"):
-                    raw_line = raw_line[3:]
-                if raw_line.isspace() or not raw_line:
-                    continue
-                try:
-                    data = fast(raw_line)
-                except (msgspec.DecodeError, UnicodeDecodeError):
-                    data = _parse_slow(raw_line, source, lineno)  # exact messages, lenient stdlib JSON
-                if type(data) is not dict:
-                    raise InputError(source, lineno, f"expected a JSON object, got {_kind(data)}")
-                yield Record(data, source, lineno)
+            try:
+                for lineno, raw_line in enumerate(stream, 1):
+                    if lineno == 1 and raw_line.startswith(b"\xef\xbb\xbf"):
+                        raw_line = raw_line[3:]
+                    if raw_line.isspace() or not raw_line:
+                        continue
+                    try:
+                        data = fast(raw_line)
+                    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                        data = _parse_slow(raw_line, source, lineno)  # exact messages, lenient stdlib JSON
+                    if type(data) is not dict:
+                        raise InputError(source, lineno, f"expected a JSON object, got {_kind(data)}")
+                    yield Record(data, source, lineno)
+            except (EOFError, OSError, zlib.error) as exc:
+                # the error comes while the next line is read: the lines before it are intact
+                kind = "gzip" if fmt == ".jsonl.gz" else "zstd"
+                if isinstance(exc, EOFError):
+                    message = f"the file is truncated: its {kind} data ends early (an interrupted download or copy?)"
+                elif isinstance(exc, (gzip.BadGzipFile, zlib.error, _CorruptData)):
+                    message = f"corrupt {kind} data ({exc})"
+                else:
+                    message = f"cannot read the file: {exc.strerror or exc}"
+                raise InputError(source, lineno + 1, message) from None
 
     def _json_array(self, path: Path) -> Iterator[Record]:
         """A JSON array of objects, streamed element by element (bounded memory)."""
@@ -178,6 +252,8 @@ class RecordReader:
                 elif text.startswith("]"):
                     text.advance(1)
                     break
+                elif text.at_end():
+                    raise InputError(source, text.line, "the file ends before the array is closed (truncated?)")
                 else:
                     raise InputError(source, text.line, "malformed JSON: expected ',' or ']' after an array element")
             text.skip_space()
@@ -185,16 +261,81 @@ class RecordReader:
                 raise InputError(source, text.line, "malformed JSON: extra data after the array")
 
     def _parquet(self, path: Path) -> Iterator[Record]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         source = str(path)
         row = 0
-        with open(path, "rb") as raw:
+        with _open(path) as raw:
             self._raw = raw
-            for batch in pq.ParquetFile(raw).iter_batches(batch_size=4096):
+            try:
+                batches = pq.ParquetFile(raw).iter_batches(batch_size=4096)
+            except (pa.ArrowException, OSError) as exc:
+                message = f"not a readable Parquet file (truncated, or not Parquet?): {exc}"
+                raise InputError(source, None, message) from None
+            while True:
+                try:
+                    batch = next(batches, None)
+                except (pa.ArrowException, OSError) as exc:
+                    raise InputError(source, row + 1, f"corrupt Parquet data: {exc}", "row ") from None
+                if batch is None:
+                    return
                 for item in batch.to_pylist():
                     row += 1
                     yield Record(item, source, row, "row ")
+
+
+class _CorruptData(OSError):
+    """Compressed data that does not decode (gzip reports its own as `BadGzipFile`)."""
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of every zstd frame in `raw`, one after the other, each checked
+    to its end: zstandard's `stream_reader` ends quietly when the file ends inside a frame,
+    which would build a store from part of the data. Raises EOFError there instead."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        import zstandard
+
+        self._raw, self._dctx, self._zstd_error = raw, zstandard.ZstdDecompressor(), zstandard.ZstdError
+        self._frame: Any = None  # the current frame's decompressor; None between frames
+        self._in, self._in_pos = b"", 0
+        self._out, self._out_pos = b"", 0
+        self._step = 1 << 10  # grows to 64 KiB after the first call unless the data expands a lot
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._out_pos >= len(self._out):
+            if not self._decompress_more():
+                return 0
+        n = min(len(buffer), len(self._out) - self._out_pos)
+        buffer[:n] = memoryview(self._out)[self._out_pos : self._out_pos + n]
+        self._out_pos += n
+        return n
+
+    def _decompress_more(self) -> bool:
+        if self._in_pos >= len(self._in):
+            self._in, self._in_pos = self._raw.read(1 << 20), 0
+            if not self._in:
+                if self._frame is not None:
+                    raise EOFError("the file ends inside a zstd frame")
+                return False
+        if self._frame is None:
+            self._frame = self._dctx.decompressobj()
+        piece = self._in[self._in_pos : self._in_pos + self._step]
+        self._in_pos += len(piece)
+        try:
+            self._out, self._out_pos = self._frame.decompress(piece), 0
+        except self._zstd_error as exc:
+            raise _CorruptData(str(exc)) from None
+        # feed less where the data expands a lot, so that one call's output stays a few MB
+        self._step = max(64, min(1 << 16, (4 << 20) * len(piece) // max(len(self._out), 1)))
+        if self._frame.eof:  # the frame is complete (checksum included); the next may follow
+            self._in_pos -= len(self._frame.unused_data)
+            self._frame = None
+        return True
 
 
 _JSON_SPACE = re.compile(r"[ \t\r\n]*")
@@ -247,7 +388,7 @@ class _JsonText:
         return not self.startswith(" ") and self._pos >= len(self._buf)
 
     def value(self) -> Any:
-        decoder = json.JSONDecoder()
+        decoder = json.JSONDecoder(parse_int=_int)
         while True:
             try:
                 item, end = decoder.raw_decode(self._buf, self._pos)
@@ -255,7 +396,11 @@ class _JsonText:
                 if self._fill():
                     continue  # the value may continue in the next chunk
                 line = self.line + self._buf.count("\n", self._pos, exc.pos)
-                raise InputError(self.source, line, f"malformed JSON: {exc.msg}") from None
+                ends = exc.pos >= len(self._buf) or exc.msg.startswith("Unterminated string")
+                raise InputError(self.source, line, f"malformed JSON: {exc.msg}"
+                                 + ("; the file ends inside this value (truncated?)" if ends else "")) from None
+            except RecursionError:
+                raise InputError(self.source, self.line, _TOO_DEEP) from None
             if end == len(self._buf) and self._fill():
                 continue  # a number may continue in the next chunk
             self.advance(end - self._pos)
@@ -268,9 +413,24 @@ def _parse_slow(raw_line: bytes, source: str, lineno: int) -> Any:
     except UnicodeDecodeError as exc:
         raise InputError(source, lineno, f"invalid UTF-8 at byte {exc.start} of the line") from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_int=_int)
     except json.JSONDecodeError as exc:
         raise InputError(source, lineno, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise InputError(source, lineno, _TOO_DEEP) from None
+
+
+_TOO_DEEP = "JSON nested too deeply (the parser allows about 1,000 levels of arrays and objects)"
+
+
+def _int(digits: str) -> int | decimal.Decimal:
+    """A JSON integer; one past Python's int-parsing limit (4,300 digits) stays exact as a
+    Decimal, which parses in linear time (an integer is never text sftpack uses: such a
+    value is an ignored extra field, or an error naming the field)."""
+    try:
+        return int(digits)
+    except ValueError:
+        return decimal.Decimal(digits)
 
 
 def _kind(value: Any) -> str:

@@ -223,11 +223,11 @@ class StoreWriter:
         self.target = prepare_target(target)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
         self.dtype = np.dtype(dtype)
         self._done = False
         self._appenders: list[_Appender] = []
         try:
+            self.tmp.mkdir()  # inside: a Ctrl-C handled as mkdir returns must remove it too
             self._start_arrays()
         except BaseException:
             self.abort()
@@ -272,10 +272,10 @@ class StoreWriter:
         self._start_arrays()
         return staged
 
-    def loss_mask(self) -> np.ndarray:
-        """The loss mask appended so far, memory-mapped read-only."""
+    def loss_mask_path(self) -> Path:
+        """The .npy file of the loss mask appended so far (flushed; data from `NPY_HEADER` on)."""
         self._mask._f.flush()
-        return np.memmap(self._mask.path, dtype=np.uint8, mode="r", offset=NPY_HEADER, shape=(self.n_tokens,))
+        return self._mask.path
 
     def commit(self, manifest: dict[str, Any], *, drop_last_tokens: int = 0) -> Path:
         """Finish the arrays, write the manifest last and move the store into place."""

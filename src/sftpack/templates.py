@@ -279,6 +279,8 @@ class ChatTemplate:
             self._template = env.from_string(source)
         except TemplateError as exc:
             raise ConfigError(f"the chat template does not parse: {exc}") from None
+        except Exception as exc:  # RecursionError on absurd nesting, ...
+            raise ConfigError(f"the chat template does not parse: {_describe(exc)}") from None
         self.source = source
         self.bos_token = bos_token or ""
         self.eos_token = eos_token or ""
@@ -299,6 +301,8 @@ class ChatTemplate:
             )
         except TemplateError as exc:
             raise ConfigError(f"the chat template failed: {exc}") from None
+        except Exception as exc:  # the template's own bug: {{ 1/0 }}, endless macro recursion, {% include %}
+            raise ConfigError(f"the chat template failed: {_describe(exc)}") from None
         if self.bos_token and text.startswith(self.bos_token):
             text = text[len(self.bos_token) :]
         return text
@@ -359,6 +363,12 @@ class ChatTemplate:
         return Rendered(text, tuple(trained), content, False)
 
 
+def _describe(exc: BaseException) -> str:
+    """`Type: message` on one line (a template's bug is shown, not a traceback)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 Template = PromptTemplate | ChatTemplate
 
 
@@ -382,8 +392,13 @@ def make_template(
             )
         source = chat_template
     elif "{" not in spec and os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as f:
-            source = f.read()
+        try:
+            with open(spec, encoding="utf-8") as f:
+                source = f.read()
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"template file {spec!r} is not UTF-8 (byte {exc.start}): save it as UTF-8") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read template file {spec!r}: {exc.strerror or exc}") from None
     elif "{" in spec:
         source = spec
     else:

@@ -7,6 +7,11 @@ encoded in one parallel batch; the special ids are inserted here. This equals en
 the joined string for tokenizers that split specials out before pre-tokenizing
 (byte-level BPE); other tokenizers take `Tokenizer.encode_in_context` instead.
 
+Special tokens written by the template are always ids, on every route; a special-token
+string overlapping user content is an id only with `parse_specials` (else it stays text,
+the document cut at the template's own special tokens). A special token with HF's
+lstrip/rstrip takes the whitespace beside it, as in the joined string.
+
 Loss mask rule (`train_on_prompt=False`): a token is trained when any of its bytes lies
 in a trained span, so a token straddling the prompt/response boundary is trained (it
 carries response text). Delimiter BOS is never trained; the delimiter EOS is trained
@@ -15,6 +20,7 @@ when the template says so (prompt templates: the model must learn to stop).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from itertools import accumulate
 from dataclasses import dataclass
@@ -62,7 +68,7 @@ def encode_documents(
     ends: list[int] = []  # _ID items: end inside the text in chars; -1 for delimiters
     items_per_doc: list[int] = []
     texts: list[str] = []
-    as_text: list[bool] = []  # in-context documents whose special-token strings stay text
+    as_text: list[bool] = []  # per text: its special-token strings stay text (in-context encoding)
     special_docs = 0
 
     split = tok.special_split
@@ -70,32 +76,38 @@ def encode_documents(
     def add(kind: int, value: int, start: int, end: int) -> None:
         kinds.append(kind), values.append(value), starts.append(start), ends.append(end)
 
+    longest = max(map(len, special_ids), default=0)
+    strips = tok.special_strips
     for doc in docs:
         first_item = len(kinds)
+        n_texts = len(texts)
         text = doc.text
         if bos is not None:
             add(_ID, bos, 0, -1)
-        # a special-token string lying inside user content: an injection, counted
-        injected = pattern is not None and any(pattern.search(text, s, e) for s, e in doc.content)
+        # a special-token string overlapping user content: an injection, counted
+        injected = pattern is not None and any(_overlapping(pattern, text, s, e, longest) for s, e in doc.content)
         special_docs += injected
-        if in_context:
-            if text:
-                add(_TEXT, len(texts), 0, -1)
-                texts.append(text)
-                as_text.append(injected and not parse_specials)
-        elif injected and not parse_specials:
+        keep_text = injected and not parse_specials
+        if keep_text or (strips and not in_context):
+            # specials written by the template are ids; with keep_text, one overlapping user
+            # content (inside it, or straddling its edge) stays text
             cursor = 0
             for m in pattern.finditer(text):  # type: ignore[union-attr]
-                if _inside(m.start(), m.end(), doc.content):
-                    continue  # user text that looks like a special token stays text
-                if m.start() > cursor:
+                if m.start() < cursor or (keep_text and _overlaps(m.start(), m.end(), doc.content)):
+                    continue
+                start, end = _stripped(text, m, strips, cursor)
+                if start > cursor:
                     add(_TEXT, len(texts), cursor, -1)
-                    texts.append(text[cursor : m.start()])
-                add(_ID, special_ids[m.group()], m.start(), m.end())
-                cursor = m.end()
+                    texts.append(text[cursor:start])
+                add(_ID, special_ids[m.group()], start, end)
+                cursor = end
             if cursor < len(text):
                 add(_TEXT, len(texts), cursor, -1)
                 texts.append(text[cursor:])
+        elif in_context:
+            if text:
+                add(_TEXT, len(texts), 0, -1)
+                texts.append(text)
         else:
             # split() with a capturing group alternates plain text and special-token strings:
             # [text, special, text, ..., text]; whole lists at a time, no per-piece statements
@@ -112,13 +124,17 @@ def encode_documents(
             values.extend(vals)
             starts.extend(pos[:-1])
             ends.extend(part_ends)
+        as_text.extend([injected and not parse_specials] * (len(texts) - n_texts))
         if eos is not None:
             add(_ID, eos, len(text), -1)
         items_per_doc.append(len(kinds) - first_item)
 
     positions = not train_on_prompt
     if in_context:
-        head = 1 if first_in_stream and texts and docs[0].text else 0
+        # the stream's first text is at offset 0 of the joined string only when the first
+        # document starts with text (not with a special token written by its template)
+        lead = 1 if bos is not None else 0
+        head = 1 if first_in_stream and items_per_doc and items_per_doc[0] > lead and kinds[lead] == _TEXT else 0
         enc = tok.encode_in_context(texts[head:], False, positions=positions, as_text=as_text[head:])
         if head:
             enc = _concat(tok.encode_in_context(texts[:1], True, positions=positions, as_text=as_text[:1]), enc)
@@ -216,9 +232,30 @@ def _single_span_mask(tok: Tokenizer, docs: Sequence[Rendered], enc: Encoded) ->
     return ((ends > lo[token_doc]) & (starts < hi[token_doc])).astype(np.uint8)
 
 
-def _inside(start: int, end: int, spans: Sequence[Span]) -> bool:
-    """Whether [start, end) lies within one of the spans (user content)."""
-    return any(s <= start and end <= e for s, e in spans)
+def _overlaps(start: int, end: int, spans: Sequence[Span]) -> bool:
+    """Whether [start, end) shares a character with one of the spans (user content)."""
+    return any(start < e and s < end for s, e in spans)
+
+
+def _stripped(text: str, m: re.Match[str], strips: dict[str, tuple[bool, bool]], cursor: int) -> tuple[int, int]:
+    """A special token's span as HF cuts it: with lstrip/rstrip it takes the whitespace
+    beside it (never reaching back before `cursor`, the previous token's end)."""
+    start, end = m.span()
+    lstrip, rstrip = strips.get(m.group(), (False, False))
+    while lstrip and start > cursor and text[start - 1].isspace():
+        start -= 1
+    while rstrip and end < len(text) and text[end].isspace():
+        end += 1
+    return start, end
+
+
+def _overlapping(pattern: re.Pattern[str], text: str, start: int, end: int, longest: int) -> bool:
+    """Whether a special-token string overlaps text[start:end]: lies in it, or straddles an
+    edge (user text completed by the template's characters must not make a special token)."""
+    if end <= start:
+        return False
+    lo, hi = max(start - longest + 1, 0), min(end + longest - 1, len(text))
+    return any(m.start() < end and start < m.end() for m in pattern.finditer(text, lo, hi))
 
 
 def _concat(a: Encoded, b: Encoded) -> Encoded:

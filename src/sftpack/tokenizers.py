@@ -60,6 +60,8 @@ class Tokenizer(ABC):
     adds_bos: bool
     vocab_size: int
     special_tokens: dict[str, int]
+    # special tokens that take the whitespace beside them (HF AddedToken lstrip, rstrip)
+    special_strips: dict[str, tuple[bool, bool]] = {}
     chat_template: str | None = None
     unit: str = "byte"  # positions in `Encoded.ends`: "byte" (UTF-8) or "char"
     # True when encoding pieces cut at special tokens gives the joined string's ids.
@@ -194,9 +196,14 @@ class HFTokenizer(Tokenizer):
         self.special_tokens = {
             t: tokenizer.convert_tokens_to_ids(t) for t in getattr(tokenizer, "all_special_tokens", [])
         }
-        for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        decoder = getattr(tokenizer, "added_tokens_decoder", {})
+        for token_id, added in decoder.items():
             if getattr(added, "special", False):
                 self.special_tokens[str(added)] = int(token_id)
+        self.special_strips = {
+            str(a): (bool(a.lstrip), bool(a.rstrip)) for a in decoder.values()
+            if str(a) in self.special_tokens and (getattr(a, "lstrip", False) or getattr(a, "rstrip", False))
+        }
         self.chat_template = getattr(tokenizer, "chat_template", None)
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self._fingerprint: str | None = None
@@ -208,6 +215,7 @@ class HFTokenizer(Tokenizer):
             self._plain.encode_special_tokens = True
             self._plain.no_padding()
             self._plain.no_truncation()
+        self._marked: tuple[str, Any] | None = None  # (marker, private copy) for `_encode_as_text`
         self._delim_text = "".join(t for t in (self.eos_token, self.bos_token if self.adds_bos else None) if t)
         self.per_piece_exact = self._backend is not None and self._probe_per_piece()
 
@@ -233,42 +241,63 @@ class HFTokenizer(Tokenizer):
 
     def encode_in_context(self, texts: Sequence[str], first: bool, *, positions: bool = False,
                           as_text: Sequence[bool] | None = None) -> Encoded:
-        if not texts:
-            return Encoded(np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64),
-                           np.zeros(0, dtype=np.int64) if positions else None)
-        prefix = "" if first else self._delim_text
-        skip = 0 if first else len(self.delimiter)
-        full = [prefix + t for t in texts]
-        if positions or (as_text is not None and any(as_text)):
-            if self._backend is None:
-                raise ConfigError(
-                    "loss masks (train_on_prompt=False) and special_tokens='text' need a fast "
-                    "(tokenizers-backed) version of this tokenizer"
-                )
-            encodings = self._backend.encode_batch(full, add_special_tokens=False)
-            id_lists, offs = [list(e.ids) for e in encodings], [list(e.offsets) for e in encodings]
-        else:
-            id_lists, offs = self._encode_specials(full), None
-        for ids in id_lists:
-            if list(ids[:skip]) != self.delimiter[:skip]:
-                raise TokenizerError(f"tokenizer {self.name!r} does not encode its EOS/BOS strings as single ids")
-        id_lists = [ids[skip:] for ids in id_lists]
-        if offs is not None:
-            offs = [o[skip:] for o in offs]
-        for i, plain in enumerate(as_text or ()):
-            if plain:
-                id_lists[i], offs[i] = self._plain_in_context(full[i], len(prefix))  # type: ignore[index]
-        return _pack_encodings(id_lists, offs if positions else None, len(prefix))
+        plain = [i for i, flag in enumerate(as_text or ()) if flag]
+        if (positions or plain) and self._backend is None:
+            raise ConfigError(
+                "loss masks (train_on_prompt=False) and special_tokens='text' need a fast "
+                "(tokenizers-backed) version of this tokenizer"
+            )
+        id_lists: list[Sequence[int]] = [()] * len(texts)
+        offs: list[Sequence[tuple[int, int]]] = [()] * len(texts)
+        parsed = sorted(set(range(len(texts))) - set(plain))
+        if parsed:
+            prefix = "" if first else self._delim_text
+            skip = 0 if first else len(self.delimiter)
+            full = [prefix + texts[i] for i in parsed]
+            if positions:
+                encodings = self._backend.encode_batch(full, add_special_tokens=False)
+                lists = [list(e.ids) for e in encodings]
+                for i, e in zip(parsed, encodings):
+                    offs[i] = [(a - len(prefix), b - len(prefix)) for a, b in e.offsets[skip:]]
+            else:
+                lists = self._encode_specials(full)
+            for i, ids in zip(parsed, lists):
+                if list(ids[:skip]) != self.delimiter[:skip]:
+                    raise TokenizerError(f"tokenizer {self.name!r} does not encode its EOS/BOS strings as single ids")
+                id_lists[i] = ids[skip:]
+        if plain:
+            for i, (ids, o) in zip(plain, self._encode_as_text([texts[i] for i in plain], first)):
+                id_lists[i], offs[i] = ids, o
+        return _pack_encodings(id_lists, offs if positions else None, 0)
 
-    def _plain_in_context(self, full: str, prefix: int) -> tuple[list[int], list[tuple[int, int]]]:
-        """`full[prefix:]` with special-token strings as text, behind the delimiter text when
-        no token straddles it (else alone); offsets stay relative to `full`."""
-        enc = self._plain.encode(full, add_special_tokens=False)
-        keep = [k for k, (start, _) in enumerate(enc.offsets) if start >= prefix]
-        if prefix and keep and any(end > prefix for start, end in enc.offsets[: keep[0]]):
-            enc = self._plain.encode(full[prefix:], add_special_tokens=False)
-            return list(enc.ids), [(s + prefix, e + prefix) for s, e in enc.offsets]
-        return [enc.ids[k] for k in keep], [enc.offsets[k] for k in keep]
+    def _encode_as_text(self, texts: Sequence[str], first: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Texts with special-token strings kept as text, each encoded as a segment of the
+        joined string that follows a parsed token (the delimiter, or a special written by the
+        template), or at the stream start if `first`. Behind a token, a segment is its own
+        split: what it is cut from matters only through SentencePiece's prefix space (added
+        at offset 0 only), so a private non-special marker token stands in front of it."""
+        if first:
+            encodings = self._plain.encode_batch(list(texts), add_special_tokens=False)
+            return [(list(e.ids), list(e.offsets)) for e in encodings]
+        marker = "\ue000"
+        while any(marker in t for t in texts):  # the marker must not occur in the text itself
+            marker += "\ue000"
+        if self._marked is None or self._marked[0] != marker:
+            from tokenizers import AddedToken, Tokenizer as RawTokenizer
+
+            raw = RawTokenizer.from_str(self.json)
+            raw.encode_special_tokens = True
+            raw.no_padding()
+            raw.no_truncation()
+            raw.add_tokens([AddedToken(marker, special=False, normalized=False)])
+            self._marked = (marker, raw)
+        raw = self._marked[1]
+        out = []
+        for e in raw.encode_batch([marker + t for t in texts], add_special_tokens=False):
+            if not e.offsets or e.offsets[0] != (0, len(marker)):
+                raise TokenizerError(f"tokenizer {self.name!r} does not keep an added token whole")
+            out.append((list(e.ids[1:]), [(a - len(marker), b - len(marker)) for a, b in e.offsets[1:]]))
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -319,7 +348,7 @@ class AcceleratedTokenizer(Tokenizer):
     def __init__(self, hf: HFTokenizer, fast: QuicktokTokenizer) -> None:
         self.hf, self.fast = hf, fast
         for attr in ("name", "bos_token", "eos_token", "bos_id", "eos_id", "adds_bos", "vocab_size",
-                     "special_tokens", "chat_template", "per_piece_exact"):
+                     "special_tokens", "special_strips", "chat_template", "per_piece_exact"):
             setattr(self, attr, getattr(hf, attr))
         self.active: Tokenizer = fast
         self.summary = f"{hf.name} (Hugging Face; encoded by quicktok)"
@@ -391,14 +420,19 @@ def _accelerate(hf: HFTokenizer) -> Tokenizer:
 
 def load_tokenizer(spec: Any = None, *, threads: int = 0, accelerate: bool = True) -> Tokenizer:
     """Resolve any accepted tokenizer form to a `Tokenizer`. A Hugging Face byte-level BPE
-    tokenizer is served by quicktok when `accelerate` and quicktok reproduces it."""
+    tokenizer is served by quicktok when `accelerate` and quicktok reproduces it; a
+    `Tokenizer` is used as given (one loaded with `accelerate=False` stays so)."""
     tok = _resolve(spec, threads)
-    if accelerate and isinstance(tok, HFTokenizer):
+    if accelerate and isinstance(tok, HFTokenizer) and tok is not spec:
         return _accelerate(tok)
+    if isinstance(tok, HFTokenizer) and not tok.summary:
+        tok.summary = f"{tok.name} (Hugging Face)"
     return tok
 
 
 def _resolve(spec: Any, threads: int) -> Tokenizer:
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+        raise ConfigError(f"workers must be an integer >= 0 (0: all cores), got {threads!r}")
     if spec is None:
         spec = DEFAULT_TOKENIZER
     if isinstance(spec, Tokenizer):
@@ -419,7 +453,14 @@ def _resolve(spec: Any, threads: int) -> Tokenizer:
     raise TokenizerError(f"unsupported tokenizer object of type {type(spec).__name__}")
 
 
+_HF_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _load_hf(path: str) -> Any:
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in _HF_FILES):
+        raise TokenizerError(f"directory {path} holds no tokenizer files (expected one of {', '.join(_HF_FILES)})")
+    if not os.path.isdir(path) and not os.path.isfile(path):
+        raise TokenizerError(f"tokenizer path {path} is not a regular file or a directory")
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
@@ -427,8 +468,12 @@ def _load_hf(path: str) -> Any:
         if os.path.isdir(path) or os.path.exists(os.path.join(directory, "tokenizer_config.json")):
             return AutoTokenizer.from_pretrained(directory, local_files_only=True)
         tok = PreTrainedTokenizerFast(tokenizer_file=path)
-    except (OSError, ValueError) as exc:
-        raise TokenizerError(f"cannot load a Hugging Face tokenizer from {path}: {exc}") from None
+    except Exception as exc:  # the tokenizers library raises bare Exceptions for a file it cannot parse
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TokenizerError(
+            f"cannot load a Hugging Face tokenizer from {path} ({reason}); pass a bundled name "
+            f"({', '.join(_BUNDLED)}), a tokenizer directory or a tokenizer.json"
+        ) from None
     added = {t.content for t in tok.added_tokens_decoder.values()}
     for attr, names in (("eos_token", ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|im_end|>")),
                         ("bos_token", ("<|begin_of_text|>", "<s>", "<bos>"))):
