@@ -43,8 +43,10 @@ def main() -> None:
                 lengths = rng.integers(1, 9, size=min(1_000_000, args.docs - lo))
                 n = int(lengths.sum())
                 w.append(rng.integers(0, vocab, n), np.ones(n, np.uint8), lengths)
-            w.commit({"fingerprint": "bench", "seq_length": 2048, "counts": {},
-                      "options": {"boundaries": False, "mask_cross_document": False, "train_on_prompt": True},
+            w.commit({"fingerprint": "bench", "counts": {}, "options": {"train_on_prompt": True},
+                      "plan": {"seq_length": 2048, "packing": "concat", "overflow": "split", "pad": None,
+                               "shuffle": False, "seed": None},
+                      "view": {"boundaries": False, "mask_cross_document": False},
                       "tokenizer": {"name": "bench", "vocab_size": vocab}})
         open_store(path)  # warm the page cache, as a reopen after a build would find it
         base = _best(lambda: [np.load(path / name, mmap_mode="r") for name in ARRAYS.values()])

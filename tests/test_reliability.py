@@ -233,8 +233,8 @@ def _inject(monkeypatch, where: str, exc: BaseException) -> dict[str, int]:
         monkeypatch.setattr(StoreWriter, "append", on_nth(StoreWriter.append, 2))
     elif where == "render_in_reader_thread":
         monkeypatch.setattr(sftpack.build, "_render", on_nth(sftpack.build._render, 5))
-    elif where == "after_stage_for_shuffle":
-        monkeypatch.setattr(StoreWriter, "stage", on_nth(StoreWriter.stage, 1, after=True))
+    elif where == "after_encoding":
+        monkeypatch.setattr(sftpack.build, "_encode_all", on_nth(sftpack.build._encode_all, 1, after=True))
     elif where == "checksum_in_commit":
         monkeypatch.setattr(sftpack.store, "checksum", on_nth(sftpack.store.checksum, 2))
     else:
@@ -250,7 +250,7 @@ def _inject(monkeypatch, where: str, exc: BaseException) -> dict[str, int]:
         ("append", Boom),
         ("append_base", BoomBase),
         ("render_in_reader_thread", BoomBase),
-        ("after_stage_for_shuffle", Boom),
+        ("after_encoding", Boom),
         ("checksum_in_commit", Boom),
     ],
 )
@@ -266,15 +266,15 @@ def test_exception_inside_build_reraises_the_original_and_commits_nothing(
     monkeypatch.setattr(sftpack.build, "BATCH_CHARS", 600)  # several batches
     exc = exc_type("injected failure")
     calls = _inject(monkeypatch, where, exc)
-    options = BuildOptions(seq_length=32, shuffle=where == "after_stage_for_shuffle", seed=7)
+    options = BuildOptions(seq_length=32, train_on_prompt=False)  # other masks than the previous store
     with pytest.raises(exc_type) as info:
         build(data, target, options, llama3, progress=False)
     assert info.value is exc
-    assert calls["n"] >= (1 if where == "after_stage_for_shuffle" else 2)
+    assert calls["n"] >= (1 if where == "after_encoding" else 2)
     if previous:
         assert _files(target) == before, "the previous store was modified"
         open_store(target, verify=True)
-        assert read_manifest(target)["seq_length"] == 16
+        assert read_manifest(target)["plan"]["seq_length"] == 16
     else:
         assert not target.exists()
     assert _litter(target) == [], _litter(target)
@@ -282,7 +282,7 @@ def test_exception_inside_build_reraises_the_original_and_commits_nothing(
     # nothing stays broken: the same build succeeds once the fault is gone
     monkeypatch.undo()
     summary = build(data, target, options, llama3, progress=False)
-    assert not summary.reused and read_manifest(target)["seq_length"] == 32
+    assert not summary.reused and read_manifest(target)["plan"]["seq_length"] == 32
     assert _litter(target) == []
 
 
@@ -329,10 +329,23 @@ def test_changing_the_template_rebuilds(tmp_path, data, llama3):
               data, data, llama3, llama3, tmp_path / "store")
 
 
-def test_changing_seq_length_rebuilds(tmp_path, data, llama3):
-    _rebuilds(BuildOptions(seq_length=16), BuildOptions(seq_length=17), data, data, llama3, llama3,
-              tmp_path / "store")
-    assert read_manifest(tmp_path / "store")["seq_length"] == 17
+def test_changing_seq_length_replans_without_rebuilding(tmp_path, data, llama3):
+    """seq_length decides rows, not tokens: the store (its fingerprint and array bytes) stays,
+    only the defaults it opens with change."""
+    out = tmp_path / "store"
+    build(data, out, BuildOptions(seq_length=16), llama3, progress=False)
+    fp, arrays = _fp(out), {k: v for k, v in _files(out).items() if k != MANIFEST}
+    s2 = build(data, out, BuildOptions(seq_length=17, shuffle=True, seed=1, boundaries=True), llama3, progress=False)
+    assert s2.reused and _fp(out) == fp
+    assert {k: v for k, v in _files(out).items() if k != MANIFEST} == arrays
+    manifest = read_manifest(out)
+    assert manifest["plan"]["seq_length"] == 17 and manifest["plan"]["seed"] == 1 and manifest["view"]["boundaries"]
+    open_store(out, verify=True)
+
+
+def test_changing_train_on_prompt_rebuilds(tmp_path, data, llama3):
+    _rebuilds(BuildOptions(seq_length=16), BuildOptions(seq_length=16, train_on_prompt=False), data, data, llama3,
+              llama3, tmp_path / "store")
 
 
 def test_adding_a_token_to_the_tokenizer_rebuilds(tmp_path, data, hf_llama3):
@@ -427,14 +440,17 @@ def test_same_inputs_and_seed_give_byte_identical_stores(tmp_path, data, llama3,
     assert not s1.reused and not s2.reused and s1.seed == s2.seed == 3
     one = _files(tmp_path / "one")
     assert one == _files(tmp_path / "two")
-    # batch and gather sizes are memory knobs, not part of the result
+    # the batch size is a memory knob, not part of the result
     monkeypatch.setattr(sftpack.build, "BATCH_CHARS", 300)
-    monkeypatch.setattr(sftpack.build, "GATHER_TOKENS", 50)
     build(data, tmp_path / "three", opts, llama3, progress=False)
     assert _files(tmp_path / "three") == one
-    # the shuffle did permute documents (a different seed gives other bytes)
+    # the seed is the plan's, not the store's: another seed, the same store bytes, other rows
     build(data, tmp_path / "four", BuildOptions(seq_length=16, shuffle=True, seed=4), llama3, progress=False)
-    t3, t4 = np.load(tmp_path / "three" / "tokens.npy"), np.load(tmp_path / "four" / "tokens.npy")
+    assert {k: v for k, v in _files(tmp_path / "four").items() if k != MANIFEST} == \
+        {k: v for k, v in one.items() if k != MANIFEST}
+    from sftpack import open_packed
+
+    t3, t4 = open_packed(tmp_path / "three").view.stream()[0], open_packed(tmp_path / "four").view.stream()[0]
     assert len(t3) == len(t4) and not np.array_equal(t3, t4)
     assert sorted(t3.tolist()) == sorted(t4.tolist())
 
@@ -447,7 +463,12 @@ def test_dataset_cache_dir_reuses_the_fingerprinted_store(tmp_path, data):
     ds2 = PackedSFTDataset("llama3", data, seq_length=16, cache_dir=cache)
     assert not ds1.summary.reused and ds2.summary.reused
     assert ds1.path == ds2.path == cache / _fp(ds1.path)
-    ds3 = PackedSFTDataset("llama3", data, seq_length=17, cache_dir=cache)
+    # plan and view options re-plan the same store: no new entry, unseeded shuffles included
+    for kwargs in ({"seq_length": 17}, {"seq_length": 16, "shuffle": True}, {"seq_length": 16, "shuffle": True},
+                   {"seq_length": 64, "packing": "bfd", "boundaries": True}):
+        ds = PackedSFTDataset("llama3", data, cache_dir=cache, **kwargs)
+        assert ds.summary.reused and ds.path == ds1.path and ds.seq_length == kwargs["seq_length"]
+    ds3 = PackedSFTDataset("llama3", data, seq_length=16, cache_dir=cache, train_on_prompt=False)
     assert not ds3.summary.reused and ds3.path != ds1.path
     assert sorted(p.name for p in cache.iterdir()) == sorted([ds1.path.name, ds3.path.name])
 

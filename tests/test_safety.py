@@ -32,6 +32,7 @@ from sftpack.tokenizers import load_tokenizer
 pytestmark = pytest.mark.filterwarnings("ignore:.*special-token strings:UserWarning")
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample.jsonl"
 OPTIONS = BuildOptions(seq_length=16)
+OTHER = BuildOptions(seq_length=8, train_on_prompt=False)  # other tokens' masks: a different store
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +112,11 @@ def test_empty_directory_and_own_store_are_replaced(tmp_path, llama3):
     target = tmp_path / "target"
     target.mkdir()
     build(data, target, OPTIONS, llama3, progress=False)
-    assert read_manifest(target)["seq_length"] == 16
-    build(data, target, BuildOptions(seq_length=8), llama3, progress=False)  # its own complete store
-    assert read_manifest(target)["seq_length"] == 8
+    assert read_manifest(target)["plan"]["seq_length"] == 16
+    build(data, target, OTHER, llama3, progress=False)  # its own complete store
+    assert read_manifest(target)["plan"]["seq_length"] == 8
     (target / "loss_mask.npy").unlink()  # a damaged own store is still its own: rebuilt
-    build(data, target, BuildOptions(seq_length=8), llama3, progress=False)
+    build(data, target, OTHER, llama3, progress=False)
     open_store(target, verify=True)
     assert _litter(target) == []
 
@@ -185,17 +186,17 @@ def test_file_put_into_the_target_during_the_build_survives(tmp_path, llama3, mo
     data = _jsonl(tmp_path / "data.jsonl", _rows(30))
     target = tmp_path / "store"
     build(data, target, OPTIONS, llama3, progress=False)
-    supervision = sftpack.build._supervision
+    encode_all = sftpack.build._encode_all
 
     def meanwhile(*args, **kwargs):
         (target / "notes.txt").write_text("written by the user mid-build")
-        return supervision(*args, **kwargs)
+        return encode_all(*args, **kwargs)
 
-    monkeypatch.setattr(sftpack.build, "_supervision", meanwhile)
+    monkeypatch.setattr(sftpack.build, "_encode_all", meanwhile)
     with pytest.raises(StoreError, match="not an sftpack store"):
-        build(data, target, BuildOptions(seq_length=8), llama3, progress=False)
+        build(data, target, OTHER, llama3, progress=False)
     assert (target / "notes.txt").read_text() == "written by the user mid-build"
-    assert read_manifest(target)["seq_length"] == 16
+    assert read_manifest(target)["plan"]["seq_length"] == 16
     assert _litter(target) == []
 
 
@@ -210,11 +211,12 @@ def _builder_script(data: Path, cache: Path | None, out: Path | None, seq: int =
         import json, sys, time
         import sftpack.build
         from sftpack.build import BuildOptions, build
-        supervision = sftpack.build._supervision
+        encode_all = sftpack.build._encode_all
         def held(*a, **k):
+            out = encode_all(*a, **k)
             time.sleep({hold})
-            return supervision(*a, **k)
-        sftpack.build._supervision = held
+            return out
+        sftpack.build._encode_all = held
         s = build({str(data)!r}, {str(out) if out else None!r}, BuildOptions(seq_length={seq}), "llama3",
                   progress=False, workers=1, {dest})
         print(json.dumps({{"reused": s.reused, "path": str(s.path), "sequences": s.sequences}}))
@@ -267,7 +269,7 @@ def test_builders_in_separate_pid_namespaces_do_not_delete_each_others_work(tmp_
     assert second.returncode == 0, second.stderr
     r1, r2 = json.loads(out1.splitlines()[-1]), json.loads(second.stdout.splitlines()[-1])
     assert (r1["reused"], r2["reused"]) == (False, True)
-    assert r1["sequences"] == r2["sequences"] == read_manifest(out)["counts"]["sequences"]
+    assert r1["sequences"] == r2["sequences"] == len(open_packed(out))
     open_store(out, verify=True)
     assert _litter(out) == []
 
@@ -284,9 +286,10 @@ def test_concurrent_builds_with_different_options_each_tell_the_truth(tmp_path):
         o, e = p.communicate(timeout=300)
         assert p.returncode == 0, e
         results.append(json.loads(o.splitlines()[-1]))
-    tokens = read_manifest(out)["counts"]["tokens"]
+    stream = read_manifest(out)["counts"]["tokens"] - 1  # the last document's EOS is not in the stream
+    assert sorted(r["reused"] for r in results) == [False, True]  # one tokenizes, the other re-plans
     for seq, r in zip((64, 128), results):
-        assert not r["reused"] and r["sequences"] == (tokens - 1) // seq
+        assert r["sequences"] == (stream - 1) // seq
     open_store(out, verify=True)
     assert _litter(out) == []
 
@@ -356,7 +359,7 @@ def test_failed_final_rename_puts_the_previous_store_back(tmp_path, llama3, monk
 
     monkeypatch.setattr(sftpack.store.os, "replace", replace)
     with pytest.raises(OSError, match="Input/output"):
-        build(data, target, BuildOptions(seq_length=8), llama3, progress=False)
+        build(data, target, OTHER, llama3, progress=False)
     assert _tree(target) == before
     assert _litter(target) == []
     monkeypatch.undo()
@@ -436,11 +439,17 @@ def test_non_integer_or_wrong_dtypes_are_refused(store, key, values):
         open_packed(store)
 
 
-@pytest.mark.parametrize("field, value", [("seq_length", 0), ("seq_length", "16"), ("seq_length", -3),
-                                          ("options", None), ("tokenizer", {"name": "llama3"})])
-def test_manifest_fields_a_reader_uses_are_checked(store, field, value):
+@pytest.mark.parametrize("path, value", [(("plan", "seq_length"), 0), (("plan", "seq_length"), "16"),
+                                         (("plan", "seq_length"), -3), (("plan", "packing"), "zigzag"),
+                                         (("plan", "seed"), -1), (("view", "boundaries"), "yes"),
+                                         (("options",), None), (("tokenizer",), {"name": "llama3"}),
+                                         (("tokenizer", "pad_id"), -5)])
+def test_manifest_fields_a_reader_uses_are_checked(store, path, value):
     def edit(m):
-        m[field] = value
+        node = m
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
 
     _edit(store, edit)
     with pytest.raises(StoreError):
@@ -467,7 +476,9 @@ def test_worker_reopening_a_replaced_store_is_refused(tmp_path, llama3):
     ds = open_packed(target)
     blob = pickle.dumps(ds)  # what a DataLoader worker receives
     assert len(pickle.loads(blob)) == len(ds)  # same store: fine
-    build(data, target, BuildOptions(seq_length=8), llama3, progress=False)
+    build(data, target, BuildOptions(seq_length=8), llama3, progress=False)  # the same tokens, other defaults
+    assert len(pickle.loads(blob)) == len(ds)  # still the same tokens: a worker serves them as planned
+    build(data, target, OTHER, llama3, progress=False)
     with pytest.raises(StoreError, match="replaced"):
         pickle.loads(blob)
 

@@ -34,22 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build (or reuse) a packed store", parents=[debug])
     b.add_argument("inputs", nargs="+", help="input files, directories or globs (.jsonl[.gz|.zst], .json, .parquet)")
     b.add_argument("--out", required=True, help="store directory to write")
-    b.add_argument("--seq-length", type=int, required=True)
     b.add_argument("--tokenizer", default="llama3", help="bundled name, HF tokenizer directory or tokenizer.json")
-    b.add_argument("--shuffle", action="store_true")
-    b.add_argument("--seed", type=int, default=None)
-    b.add_argument("--schema", default="auto", help="auto, prompt_response, alpaca, messages, sharegpt")
-    b.add_argument("--field", action="append", default=[], metavar="NAME=KEY", help="remap a field name")
-    b.add_argument("--template", default="alpaca", help="alpaca, chat, a template string or a template file")
-    b.add_argument("--no-train-on-prompt", dest="train_on_prompt", action="store_false")
-    b.add_argument("--last-turn-only", action="store_true", help="train only the last assistant turn")
-    b.add_argument("--special-tokens", choices=("parse", "text"), default="parse",
-                   help="special-token strings in user text: parse them (reference) or keep them as text")
-    b.add_argument("--boundaries", action="store_true", help="rows carry position_ids and seq_lens")
-    b.add_argument("--mask-cross-document", action="store_true", help="mask labels that cross into the next document")
+    _option_flags(b)
     b.add_argument("--workers", type=int, default=0, help="tokenizer threads (0: all cores)")
     b.add_argument("--force", action="store_true", help="rebuild even if the store is up to date")
     b.add_argument("--quiet", action="store_true", help="no progress bar, no summary (warnings are still shown)")
+
+    st = sub.add_parser("stats", help="plan a store and report: rows, efficiency, losses, document lengths",
+                        parents=[debug])
+    st.add_argument("store")
+    _option_flags(st, groups=("plan",), recorded=True)
+    st.add_argument("--plot", metavar="FILE.png", help="also draw the length histogram and row fill (matplotlib)")
 
     v = sub.add_parser("verify", help="check every checksum of a store", parents=[debug])
     v.add_argument("store")
@@ -69,6 +64,28 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--atol", type=float, default=1e-4)
     return p
+
+
+def _option_flags(p: argparse.ArgumentParser, groups: tuple[str, ...] = ("plan", "store", "view"),
+                  recorded: bool = False) -> None:
+    """One flag per `BuildOptions` field (the single list of options). `recorded`: every
+    default is None, meaning "as recorded in the store"."""
+    from .config import option_fields
+
+    for f in option_fields():
+        if f.metadata["group"] not in groups:
+            continue
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        if f.name == "fields":
+            kw.update(action="append", default=[], metavar="NAME=KEY")
+        elif f.type.startswith("bool"):
+            kw.update(action="store_false" if flag.startswith("--no-") else "store_true",
+                      default=None if recorded or f.default is None else f.default)
+        else:
+            kw.update(type=int if f.type.startswith("int") else str, choices=f.metadata["choices"] or None,
+                      default=None if recorded else f.default, required=f.name == "seq_length" and not recorded)
+        p.add_argument(flag, **kw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,6 +136,8 @@ def _error(message: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "build":
         return _build(args)
+    if args.command == "stats":
+        return _stats(args)
     if args.command == "verify":
         from .store import verify_store
 
@@ -140,21 +159,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .build import BuildOptions, build
+    from .build import build
+    from .config import BuildOptions, option_fields
 
-    options = BuildOptions(
-        seq_length=args.seq_length,
-        shuffle=args.shuffle,
-        seed=args.seed,
-        schema=args.schema,
-        fields=_fields(args.field),
-        template=args.template,
-        train_on_prompt=args.train_on_prompt,
-        last_turn_only=args.last_turn_only,
-        special_tokens=args.special_tokens,
-        boundaries=args.boundaries,
-        mask_cross_document=args.mask_cross_document,
-    )
+    values = {f.name: getattr(args, f.name) for f in option_fields()}
+    options = BuildOptions(**{**values, "fields": _fields(args.fields)})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = build(args.inputs, args.out, options, args.tokenizer, workers=args.workers,
@@ -178,6 +187,24 @@ def _warnings(summary: Any, caught: list[warnings.WarningMessage], args: argpars
                       "as text)" if args.special_tokens == "parse" else "they were encoded as plain text"))
     out.extend(str(w.message) for w in caught if "special-token strings" not in str(w.message))
     return list(dict.fromkeys(out))
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .config import option_fields
+    from .report import plot, report_lines, row_fill
+    from .store import open_store
+    from .view import View, options_for
+
+    store = open_store(args.store)
+    view = View(store, options_for(store, **{f.name: getattr(args, f.name) for f in option_fields("plan")}))
+    lengths = np.diff(np.asarray(store.doc_offsets, dtype=np.int64))
+    pad = view.pad if view.options.packing == "bfd" else None
+    print("\n".join(report_lines(view.plan.stats, lengths, pad=pad)))
+    if args.plot:
+        print(f"plot: {plot(view.plan.stats, lengths, row_fill(view.plan), args.plot)}")
+    return 0
 
 
 if __name__ == "__main__":

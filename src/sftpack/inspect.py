@@ -8,21 +8,22 @@ from typing import Any
 
 import numpy as np
 
-from .pack import num_rows, row_span
 from .errors import ConfigError, TokenizerError
 from .store import open_store
 from .tokenizers import load_tokenizer
+from .view import View, options_for
 
 _DIM, _GREEN, _BOLD, _RESET = "\x1b[2m", "\x1b[32m", "\x1b[1;35m", "\x1b[0m"
 
 
 def render_row(path: str | os.PathLike, row: int, *, tokenizer: Any = None, color: str = "auto") -> str:
-    """Row `row` of the store as text: trained tokens plain (green on a terminal), tokens
-    that are not training targets inside `[~ ~]` (dim), and `|> doc N <|` where a document starts."""
+    """Row `row` of the store (planned as recorded) as text: trained tokens plain (green on
+    a terminal), tokens that are not training targets inside `[~ ~]` (dim), and
+    `|> doc N <|` where stored document N starts."""
     store = open_store(path)
     manifest = store.manifest
-    L = int(manifest["seq_length"])
-    n = num_rows(len(store.tokens), L)
+    view = View(store, options_for(store))
+    L, n = view.seq_length, len(view)
     if not 0 <= row < n:
         raise ConfigError(f"--row {row} is out of range: the store has {n} rows")
     try:
@@ -30,17 +31,16 @@ def render_row(path: str | os.PathLike, row: int, *, tokenizer: Any = None, colo
     except TokenizerError as exc:
         raise TokenizerError(f"{exc}; pass the tokenizer the store was built with (--tokenizer)") from None
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
-    start, _ = row_span(row, L)
-    ids = np.asarray(store.tokens[start : start + L], dtype=np.int64)
-    trained = np.asarray(store.loss_mask[start : start + L]).astype(bool)
-    starts = store.doc_starts
-    first_doc = int(np.searchsorted(starts, start, side="right")) - 1
-    doc_at = {int(s) - start: int(i) for i, s in enumerate(starts[first_doc:], first_doc) if start <= s < start + L}
+    ids = view.row(row).tokens[:L].tolist()
+    trained = np.asarray(view.row(row).mask[:L]).astype(bool).tolist()
+    pieces_of_row = view.plan.row(row)
+    at = np.concatenate(([0], np.cumsum(pieces_of_row.length)[:-1]))
+    doc_at = {int(a): int(d) for a, d, s in zip(at, pieces_of_row.doc, pieces_of_row.start) if s == 0 and a < L}
 
-    out = [f"row {row} of {n} (tokens {start}..{start + L - 1}); "
+    out = [f"row {row} of {n} ({view.options.packing}, seq_length {L}); "
            + ("trained tokens green, untrained dim" if use_color else "untrained tokens inside [~ ~]")]
-    if first_doc >= 0 and 0 not in doc_at:
-        out.append(f"(continues document {first_doc})")
+    if len(pieces_of_row) and pieces_of_row.start[0] != 0:
+        out.append(f"(continues document {int(pieces_of_row.doc[0])})")
     pieces: list[str] = []
     run: list[int] = []
     run_trained = None
@@ -55,7 +55,7 @@ def render_row(path: str | os.PathLike, row: int, *, tokenizer: Any = None, colo
             pieces.append(text if run_trained else f"[~{text}~]")
         run.clear()
 
-    for p, (token, is_trained) in enumerate(zip(ids.tolist(), trained.tolist())):
+    for p, (token, is_trained) in enumerate(zip(ids, trained)):
         if p in doc_at or is_trained != run_trained:
             flush()
             run_trained = is_trained

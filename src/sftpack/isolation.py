@@ -146,30 +146,21 @@ def check_isolation(
     import torch
 
     from .dataset import open_packed
-    from .pack import position_ids as pack_positions
-    from .pack import row_span
-    from .pack import seq_lens as pack_seq_lens
 
-    ds = open_packed(path)
+    ds = open_packed(path, boundaries=True)  # the plan's own positions and document pieces
     n_rows = min(int(rows), len(ds))
     if n_rows < 1:
         raise ValueError(f"{path}: the store has no rows to check")
     L = ds.seq_length
-    doc_starts = np.asarray(ds.store.doc_starts, dtype=np.int64)
     vocab_size = int(ds.store.manifest["tokenizer"]["vocab_size"])
 
     ids, labels, positions, lens = [], [], [], []
     for r in range(n_rows):
         item = ds[r]
-        start, _ = row_span(r, L)
         ids.append(item["input_ids"])
         labels.append(item["labels"])
-        if "position_ids" in item:
-            positions.append(item["position_ids"])
-            lens.append(item["seq_lens"].numpy().astype(np.int64))
-        else:
-            positions.append(torch.from_numpy(pack_positions(doc_starts, start, L)))
-            lens.append(pack_seq_lens(doc_starts, start, L).astype(np.int64))
+        positions.append(item["position_ids"])
+        lens.append(item["seq_lens"].numpy().astype(np.int64))
     input_ids = torch.stack(ids)
     label_rows = torch.stack(labels)
     position_rows = torch.stack(positions)
@@ -180,13 +171,11 @@ def check_isolation(
     packed_logits = _forward(model, input_ids, position_rows if packed_positions else None)
     packed_loss = _token_loss(packed_logits, label_rows)
 
-    doc_start_set = set(doc_starts.tolist())
     details: list[PieceResult] = []
     max_diff = 0.0
     max_logit_diff = 0.0
     tokens = 0
     for r in range(n_rows):
-        row_start, _ = row_span(r, L)
         offset = 0
         for k, n in enumerate(lens[r].tolist()):
             sl = slice(offset, offset + n)
@@ -194,8 +183,7 @@ def check_isolation(
             piece_labels = label_rows[r, sl]
             piece_loss = _token_loss(piece_logits, piece_labels)
             compare = piece_labels != -100
-            if row_start + offset + n in doc_start_set:  # the last label targets the next document
-                compare[-1] = False
+            compare[-1] = False  # the piece's last label may target the next document (not in this piece)
             diff = (piece_loss - packed_loss[r, sl]).abs()[compare]
             piece_max = float(diff.max()) if diff.numel() else 0.0
             max_logit_diff = max(max_logit_diff, float((piece_logits - packed_logits[r, sl]).abs().max()))

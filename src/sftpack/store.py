@@ -32,9 +32,14 @@ import xxhash
 from .errors import StoreError
 
 FORMAT = "sftpack.packed"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
 ARRAYS = {"tokens": "tokens.npy", "loss_mask": "loss_mask.npy", "doc_offsets": "doc_offsets.npy"}
+# tokenizers whose first document of a stream encodes differently (SentencePiece) also
+# store that variant of every document, so that any plan may put any document first
+FIRST_ARRAYS = {"first_tokens": "first_tokens.npy", "first_mask": "first_mask.npy",
+                "first_offsets": "first_offsets.npy"}
+ALL_ARRAYS = {**ARRAYS, **FIRST_ARRAYS}
 NPY_HEADER = 128  # bytes reserved for the .npy v1.0 header of an array written incrementally
 
 
@@ -180,7 +185,7 @@ def owned_store(path: Path) -> bool:
         manifest = read_manifest(path)
     except StoreError:
         return False
-    own = {MANIFEST, *(str(e.get("path")) for e in manifest["files"].values() if isinstance(e, dict))}
+    own = {MANIFEST, MANIFEST + ".part", *(str(e.get("path")) for e in manifest["files"].values() if isinstance(e, dict))}
     return all(entry.name in own for entry in path.iterdir())
 
 
@@ -234,13 +239,18 @@ class StoreWriter:
             raise
 
     def _start_arrays(self) -> None:
-        self._tokens = _Appender(self.tmp / ARRAYS["tokens"], self.dtype)
-        self._mask = _Appender(self.tmp / ARRAYS["loss_mask"], np.dtype(np.uint8))
-        self._offsets = _Appender(self.tmp / ARRAYS["doc_offsets"], np.dtype(np.int64))
-        self._appenders = [self._tokens, self._mask, self._offsets]
-        self._offsets.append(np.zeros(1, dtype=np.int64))
+        self._tokens, self._mask, self._offsets = self._arrays(ARRAYS, self.dtype)
         self.n_tokens = 0
         self.n_docs = 0
+        self._first: tuple[_Appender, _Appender, _Appender] | None = None
+        self._first_tokens = 0
+
+    def _arrays(self, names: dict[str, str], dtype: np.dtype) -> tuple[_Appender, _Appender, _Appender]:
+        tokens, mask, offsets = (_Appender(self.tmp / name, dt) for name, dt in
+                                 zip(names.values(), (dtype, np.dtype(np.uint8), np.dtype(np.int64))))
+        self._appenders += [tokens, mask, offsets]
+        offsets.append(np.zeros(1, dtype=np.int64))
+        return tokens, mask, offsets
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -256,44 +266,32 @@ class StoreWriter:
         """Append whole document units (tokens and mask of equal length)."""
         self._tokens.append(tokens)
         self._mask.append(mask)
-        ends = self.n_tokens + np.cumsum(unit_lengths, dtype=np.int64)
-        self._offsets.append(ends)
+        self._offsets.append(self.n_tokens + np.cumsum(unit_lengths, dtype=np.int64))
         self.n_tokens += int(len(tokens))
         self.n_docs += len(unit_lengths)
 
-    def stage(self) -> dict[str, Path]:
-        """Set aside what was appended (as finished `staged_*.npy` files, whose paths are
-        returned) and start empty arrays, for a pass that writes the units in another order."""
-        staged = {}
-        for key, appender in (("tokens", self._tokens), ("loss_mask", self._mask), ("doc_offsets", self._offsets)):
-            appender.close()
-            staged[key] = appender.path.with_name("staged_" + appender.path.name)
-            os.replace(appender.path, staged[key])
-        self._start_arrays()
-        return staged
+    def append_first(self, tokens: np.ndarray, mask: np.ndarray, unit_lengths: np.ndarray) -> None:
+        """Append the first-in-stream variant of the same units (`FIRST_ARRAYS`)."""
+        if self._first is None:
+            self._first = self._arrays(FIRST_ARRAYS, self.dtype)
+        t, m, o = self._first
+        t.append(tokens)
+        m.append(mask)
+        o.append(self._first_tokens + np.cumsum(unit_lengths, dtype=np.int64))
+        self._first_tokens += int(len(tokens))
 
     def loss_mask_path(self) -> Path:
         """The .npy file of the loss mask appended so far (flushed; data from `NPY_HEADER` on)."""
         self._mask._f.flush()
         return self._mask.path
 
-    def commit(self, manifest: dict[str, Any], *, drop_last_tokens: int = 0) -> Path:
+    def commit(self, manifest: dict[str, Any]) -> Path:
         """Finish the arrays, write the manifest last and move the store into place."""
-        n_tokens = self.n_tokens - drop_last_tokens
-        self._tokens.close(n_tokens)
-        self._mask.close(n_tokens)
-        self._offsets.close()
-        if drop_last_tokens:
-            offsets = np.load(self._offsets.path, mmap_mode="r+", allow_pickle=False)
-            offsets[-1] = n_tokens
-            offsets.flush()
-            del offsets
-            with open(self._offsets.path, "rb+") as f:
-                os.fsync(f.fileno())
-        for staged in self.tmp.glob("staged_*"):
-            staged.unlink()
         files = {}
-        for key, name in ARRAYS.items():
+        for appender in self._appenders:
+            appender.close()
+        names = ALL_ARRAYS if self._first is not None else ARRAYS
+        for key, name in names.items():
             path = self.tmp / name
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
             files[key] = {
@@ -352,6 +350,13 @@ class Store:
     tokens: np.ndarray
     loss_mask: np.ndarray
     doc_offsets: np.ndarray
+    first_tokens: np.ndarray | None = None  # FIRST_ARRAYS, where the tokenizer needs them
+    first_mask: np.ndarray | None = None
+    first_offsets: np.ndarray | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.manifest["fingerprint"])
 
     @property
     def doc_starts(self) -> np.ndarray:
@@ -363,40 +368,56 @@ def _manifest_checksum(manifest: dict[str, Any]) -> str:
     return xxhash.xxh3_128_hexdigest(json.dumps(body, sort_keys=True).encode())
 
 
-_ARRAY_DTYPES = {"tokens": ("uint16", "uint32"), "loss_mask": ("uint8",), "doc_offsets": ("int64",)}
+_ARRAY_DTYPES = {"tokens": ("uint16", "uint32"), "loss_mask": ("uint8",), "doc_offsets": ("int64",),
+                 "first_tokens": ("uint16", "uint32"), "first_mask": ("uint8",), "first_offsets": ("int64",)}
 
 
 def _shape_error(manifest: dict[str, Any]) -> str | None:
     """Why a checksum-valid manifest still cannot describe a store this version can serve
     (a hand edit with a recomputed checksum), or None."""
+    from .config import OVERFLOWS, PACKINGS
 
     def count(v: Any, low: int = 0) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
+    def section(name: str) -> dict[str, Any]:
+        value = manifest.get(name)
+        return value if isinstance(value, dict) else {}
+
+    options, plan, view = section("options"), section("plan"), section("view")
+    tok, counts = section("tokenizer"), manifest.get("counts")
     if not isinstance(manifest.get("fingerprint"), str):
         return "no fingerprint"
-    if not count(manifest.get("seq_length"), 1):
-        return f"seq_length {manifest.get('seq_length')!r} is not a positive integer"
-    options, tok, counts = manifest.get("options"), manifest.get("tokenizer"), manifest.get("counts")
-    if not isinstance(options, dict) or not all(
-            isinstance(options.get(k), bool) for k in ("boundaries", "mask_cross_document", "train_on_prompt")):
-        return "options are missing or not booleans"
-    if not isinstance(tok, dict) or not count(tok.get("vocab_size"), 1) or not isinstance(tok.get("name"), str):
+    if not isinstance(options.get("train_on_prompt"), bool):
+        return "options.train_on_prompt is missing or not a boolean"
+    if not count(plan.get("seq_length"), 1):
+        return f"plan.seq_length {plan.get('seq_length')!r} is not a positive integer"
+    if plan.get("packing") not in PACKINGS or plan.get("overflow") not in OVERFLOWS:
+        return "plan.packing or plan.overflow is not a known value"
+    if not isinstance(plan.get("shuffle"), bool) or plan.get("pad") not in (True, False, None):
+        return "plan.shuffle or plan.pad is not a boolean"
+    if plan.get("seed") is not None and not count(plan.get("seed")):
+        return "plan.seed is not a non-negative integer"
+    if not all(isinstance(view.get(k), bool) for k in ("boundaries", "mask_cross_document")):
+        return "view options are missing or not booleans"
+    if not count(tok.get("vocab_size"), 1) or not isinstance(tok.get("name"), str):
         return "the tokenizer record has no name or vocabulary size"
+    if not all(tok.get(k) is None or count(tok.get(k)) for k in ("bos_id", "eos_id", "pad_id")):
+        return "the tokenizer's special ids are not non-negative integers"
     if not isinstance(counts, dict) or not all(count(v) for v in counts.values()):
         return "counts are missing or not non-negative integers"
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != set(ARRAYS):
-        return f"files must list exactly {sorted(ARRAYS)}"
+    if not isinstance(files, dict) or set(files) not in (set(ARRAYS), set(ALL_ARRAYS)):
+        return f"files must list exactly {sorted(ARRAYS)} (and, for some tokenizers, {sorted(FIRST_ARRAYS)})"
     for key, entry in files.items():
         # exact names only: an entry may never point outside the store (`../x`, `/etc/passwd`)
-        if not isinstance(entry, dict) or entry.get("path") != ARRAYS[key]:
-            return f"file entry {key!r} must be the plain name {ARRAYS[key]!r}"
+        if not isinstance(entry, dict) or entry.get("path") != ALL_ARRAYS[key]:
+            return f"file entry {key!r} must be the plain name {ALL_ARRAYS[key]!r}"
         if entry.get("dtype") not in _ARRAY_DTYPES[key]:
             return f"{key} dtype {entry.get('dtype')!r} is not one of {_ARRAY_DTYPES[key]}"
         if not count(entry.get("length")) or not count(entry.get("bytes")) or not isinstance(entry.get("xxh3_128"), str):
             return f"file entry {key!r} lacks a length, size or checksum"
-    if files["tokens"]["dtype"] != token_dtype(tok["vocab_size"]).name:
+    if any(files[k]["dtype"] != token_dtype(tok["vocab_size"]).name for k in ("tokens", "first_tokens") if k in files):
         return "the token dtype does not match the vocabulary size"
     return None
 
@@ -464,16 +485,37 @@ def open_store(path: str | os.PathLike, *, verify: bool = False) -> Store:
         if arr.dtype.name != entry["dtype"] or arr.shape != (entry["length"],):
             raise StoreError(f"{file}: holds {arr.dtype}{arr.shape}, the manifest says {entry['dtype']}[{entry['length']}]")
         arrays[key] = arr
-    tokens, offsets = arrays["tokens"], arrays["doc_offsets"]
-    if len(tokens) != len(arrays["loss_mask"]):
-        raise StoreError(f"{root}: array lengths disagree (tokens and loss mask)")
-    _check_offsets(root, offsets, len(tokens))
-    if verify:
-        vocab = manifest["tokenizer"]["vocab_size"]
-        for lo in range(0, len(tokens), 1 << 24):
+    pairs = [("tokens", "loss_mask", "doc_offsets")]
+    if "first_tokens" in arrays:
+        pairs.append(("first_tokens", "first_mask", "first_offsets"))
+        if len(arrays["first_offsets"]) != len(arrays["doc_offsets"]):
+            raise StoreError(f"{root}: first-document variants do not cover every document")
+    vocab = manifest["tokenizer"]["vocab_size"]
+    for tokens_key, mask_key, offsets_key in pairs:
+        tokens = arrays[tokens_key]
+        if len(tokens) != len(arrays[mask_key]):
+            raise StoreError(f"{root}: array lengths disagree ({tokens_key} and {mask_key})")
+        _check_offsets(root, arrays[offsets_key], len(tokens))
+        for lo in range(0, len(tokens) if verify else 0, 1 << 24):
             if int(tokens[lo : lo + (1 << 24)].max()) >= vocab:
-                raise StoreError(f"{root / ARRAYS['tokens']}: holds a token id outside the vocabulary (size {vocab})")
-    return Store(root, manifest, tokens, arrays["loss_mask"], offsets)
+                raise StoreError(f"{root / ALL_ARRAYS[tokens_key]}: holds a token id outside the vocabulary "
+                                 f"(size {vocab})")
+    return Store(root, manifest, **arrays)
+
+
+def record_defaults(path: Path, **sections: dict[str, Any]) -> None:
+    """Replace sections of a complete store's manifest (the plan and view it opens with by
+    default), atomically: the arrays and the fingerprint stay as they are."""
+    manifest = read_manifest(path)
+    manifest.update(sections)
+    manifest["checksum"] = _manifest_checksum(manifest)
+    part = path / (MANIFEST + ".part")
+    with open(part, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path / MANIFEST)
+    _fsync_dir(path)
 
 
 def verify_store(path: str | os.PathLike) -> Store:

@@ -60,6 +60,7 @@ class Tokenizer(ABC):
     adds_bos: bool
     vocab_size: int
     special_tokens: dict[str, int]
+    pad_id: int | None = None  # what padded rows are filled with (EOS where there is none)
     # special tokens that take the whitespace beside them (HF AddedToken lstrip, rstrip)
     special_strips: dict[str, tuple[bool, bool]] = {}
     chat_template: str | None = None
@@ -189,6 +190,7 @@ class HFTokenizer(Tokenizer):
         self.name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         self.bos_token, self.eos_token = tokenizer.bos_token, tokenizer.eos_token
         self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
         self.check_delimiters()
         first = tokenizer("a")["input_ids"]
         self.adds_bos = self.bos_id is not None and bool(first) and first[0] == self.bos_id
@@ -347,7 +349,7 @@ class AcceleratedTokenizer(Tokenizer):
 
     def __init__(self, hf: HFTokenizer, fast: QuicktokTokenizer) -> None:
         self.hf, self.fast = hf, fast
-        for attr in ("name", "bos_token", "eos_token", "bos_id", "eos_id", "adds_bos", "vocab_size",
+        for attr in ("name", "bos_token", "eos_token", "bos_id", "eos_id", "pad_id", "adds_bos", "vocab_size",
                      "special_tokens", "special_strips", "chat_template", "per_piece_exact"):
             setattr(self, attr, getattr(hf, attr))
         self.active: Tokenizer = fast

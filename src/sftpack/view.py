@@ -1,0 +1,200 @@
+"""A store seen through a plan: the rows a dataset serves, as numpy arrays (no torch).
+
+`View(store, options)` plans from the stored document lengths alone (never the tokens) and
+reads each row's pieces from the memory-mapped arrays:
+
+- concat (the reference): documents in stored order, or permuted by the shuffle seed,
+  joined into one virtual stream `BOS d1 EOS BOS d2 ... EOS BOS dN` (the last EOS is not
+  part of it); row i holds stream positions `[i*L, i*L + L]`, labels shifted by one.
+  A tokenizer that encodes the stream's first document differently (SentencePiece) has
+  that variant stored for every document; the plan's first document is read from it.
+- bfd: whole documents (or, with overflow="split", pieces of at most L tokens packed as
+  documents of their own), no label crosses a document, padded to L with `pad=True`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+
+from .config import BuildOptions
+from .errors import ConfigError
+from .pack import IGNORE_INDEX, labels_from, mask_cross_document, position_ids, seq_lens
+from .plans import ConcatPlan, Plan, PlanError, plan_bfd, plan_concat
+from .store import Store
+
+
+def options_for(store: Store, **given: Any) -> BuildOptions:
+    """The options to view `store` with: each given non-None value, else what the build
+    recorded. Asking to shuffle a store recorded unshuffled, without a seed, draws one."""
+    recorded = {**store.manifest["plan"], **store.manifest["view"]}
+    chosen = {k: v for k, v in given.items() if v is not None}
+    try:
+        options = BuildOptions(**{**recorded, **chosen})
+    except TypeError:
+        known = sorted(f.name for f in fields(BuildOptions))
+        raise ConfigError(f"unknown option(s) {sorted(set(chosen) - set(known))}; the options are {known}") from None
+    if chosen.get("shuffle") and "seed" not in chosen and not recorded["shuffle"]:
+        options = replace(options, seed=None)
+    from .build import resolve_seed  # the one rule for seeds; build imports no torch
+
+    return resolve_seed(options)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row before label conventions: its tokens, their loss mask and where documents
+    (or pieces) start inside it. Concat rows hold L + 1 tokens (the last is only a label)."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    starts: np.ndarray  # offsets inside the row where a document or piece starts
+    continues: bool  # concat: the row begins inside a document started in an earlier row
+
+
+class View:
+    """Rows of `store` under the plan and serving options of `options`."""
+
+    def __init__(self, store: Store, options: BuildOptions) -> None:
+        options.validate()
+        self.store, self.options = store, options
+        self.seq_length = int(options.seq_length)
+        tok = store.manifest["tokenizer"]
+        pad = tok.get("pad_id")
+        self.pad_id = int(pad if pad is not None else tok.get("eos_id") or 0)
+        self.pad = options.pad is not False  # bfd: padded unless pad=False
+        self.all_trained = bool(store.manifest["options"]["train_on_prompt"])
+        lengths = np.diff(np.asarray(store.doc_offsets, dtype=np.int64))
+        try:
+            if options.packing == "bfd":
+                self.plan: Plan | ConcatPlan = plan_bfd(lengths, self.seq_length, overflow=options.overflow)
+                self._first = -1
+            else:
+                self.plan, self._first = self._plan_concat(lengths, options)
+        except PlanError as exc:
+            raise ConfigError(f"{store.path}: {exc}") from None
+
+    def _plan_concat(self, lengths: np.ndarray, options: BuildOptions) -> tuple[ConcatPlan, int]:
+        n = len(lengths)
+        seed = int(options.seed) if options.shuffle else None
+        if seed is None and options.shuffle:
+            raise ConfigError("a shuffled concat plan needs a seed")
+        order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
+        stream = lengths.copy()
+        first = int(order[0]) if n else -1
+        if self.store.first_offsets is not None and n:
+            stream[first] = self.store.first_offsets[first + 1] - self.store.first_offsets[first]
+        else:
+            first = -1
+        if n:
+            stream[order[-1]] -= int(self.store.manifest["tokenizer"].get("eos_id") is not None)
+        return plan_concat(stream, self.seq_length, seed=seed), first
+
+    def __len__(self) -> int:
+        return self.plan.rows
+
+    def _read(self, doc: int, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        s = self.store
+        if doc == self._first:  # the stream's first document, in its first-in-stream encoding
+            at = int(s.first_offsets[doc]) + start  # type: ignore[index]
+            return s.first_tokens[at : at + length], s.first_mask[at : at + length]  # type: ignore[index]
+        at = int(s.doc_offsets[doc]) + start
+        return s.tokens[at : at + length], s.loss_mask[at : at + length]
+
+    def row(self, index: int) -> Row:
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range for a dataset of {len(self)} rows")
+        plan = self.plan
+        if isinstance(plan, ConcatPlan) and plan.order is None and self._first < 0:
+            start, stop = plan.span(index)  # the stream is the stored tokens: one slice
+            tokens, mask = self.store.tokens[start:stop], self.store.loss_mask[start:stop]
+        else:
+            pieces = plan.row(index)
+            parts = [self._read(d, a, n) for d, a, n in zip(pieces.doc.tolist(), pieces.start.tolist(),
+                                                            pieces.length.tolist())]
+            tokens = np.concatenate([p[0] for p in parts])
+            mask = np.concatenate([p[1] for p in parts])
+        if isinstance(plan, ConcatPlan):
+            start = index * self.seq_length
+            offsets = plan.offsets
+            lo = int(np.searchsorted(offsets, start, side="right")) - 1
+            hi = int(np.searchsorted(offsets, start + self.seq_length + 1, side="left"))
+            starts = offsets[lo + 1 : hi] - start
+            return Row(np.asarray(tokens, np.int64), np.asarray(mask), starts, offsets[lo] != start)
+        lengths = plan.row(index).length
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        return Row(np.asarray(tokens, np.int64), np.asarray(mask), starts, False)
+
+    def item(self, index: int) -> dict[str, np.ndarray]:
+        """`input_ids`, `labels` (int64, labels[j] is the target of input j, -100 where
+        untrained), and with boundaries (always for bfd) `position_ids` and `seq_lens`."""
+        row = self.row(index)
+        if isinstance(self.plan, ConcatPlan):
+            return self._concat_item(index, row)
+        return self._packed_item(row)
+
+    def _concat_item(self, index: int, row: Row) -> dict[str, np.ndarray]:
+        L = self.seq_length
+        labels = labels_from(row.tokens, None if self.all_trained else row.mask)
+        starts = self.plan.offsets[:-1]  # type: ignore[union-attr]
+        start = index * L
+        if self.options.mask_cross_document:
+            labels = mask_cross_document(labels, starts, start)
+        item = {"input_ids": row.tokens[:-1], "labels": labels}
+        if self.options.boundaries:
+            item["position_ids"] = position_ids(starts, start, L)
+            item["seq_lens"] = seq_lens(starts, start, L)
+        return item
+
+    def _packed_item(self, row: Row) -> dict[str, np.ndarray]:
+        n, L = len(row.tokens), self.seq_length
+        lens = np.diff(np.append(row.starts, n))
+        labels = np.full(n, IGNORE_INDEX, np.int64)
+        labels[:-1] = row.tokens[1:]
+        if not self.all_trained:
+            labels[:-1][row.mask[1:] == 0] = IGNORE_INDEX
+        labels[row.starts + lens - 1] = IGNORE_INDEX  # a piece's last token predicts nothing in it
+        positions = np.arange(n, dtype=np.int64) - np.repeat(row.starts, lens)
+        tokens = row.tokens
+        if self.pad and n < L:
+            # padding is a segment of its own (positions 0.., labels -100): it attends to nothing real
+            fill = L - n
+            tokens = np.concatenate((tokens, np.full(fill, self.pad_id, np.int64)))
+            labels = np.concatenate((labels, np.full(fill, IGNORE_INDEX, np.int64)))
+            positions = np.concatenate((positions, np.arange(fill, dtype=np.int64)))
+            lens = np.append(lens, fill)
+        return {"input_ids": tokens, "labels": labels, "position_ids": positions, "seq_lens": lens.astype(np.int32)}
+
+    def stream(self) -> tuple[np.ndarray, np.ndarray]:
+        """Concat plans: the whole virtual stream (tokens int64, loss mask), as the reference
+        would tokenize the documents joined in plan order. O(tokens) memory: for checks."""
+        if not isinstance(self.plan, ConcatPlan):
+            raise ConfigError("stream() is defined for concat plans; bfd rows are whole documents")
+        n = len(self.plan.offsets) - 1
+        order = self.plan.order if self.plan.order is not None else np.arange(n)
+        lengths = np.diff(self.plan.offsets)
+        parts = [self._read(int(d), 0, int(n)) for d, n in zip(order, lengths)]
+        return (np.concatenate([np.asarray(p[0], np.int64) for p in parts]),
+                np.concatenate([np.asarray(p[1]) for p in parts]))
+
+    def supervision(self) -> tuple[int, int]:
+        """(supervised labels in all rows, rows without any): one pass over the rows."""
+        total = empty = 0
+        if isinstance(self.plan, ConcatPlan) and self.plan.order is None and self._first < 0:
+            L, rows, mask = self.seq_length, len(self), self.store.loss_mask
+            step = max(1, (1 << 22) // L)
+            for r in range(0, rows, step):
+                r_end = min(rows, r + step)
+                # read, not mapped: every mapped page counts in RSS while the map lives
+                labels = np.fromfile(mask.filename, np.uint8, (r_end - r) * L, offset=mask.offset + r * L + 1)
+                per_row = labels.reshape(r_end - r, L).sum(axis=1, dtype=np.int64)
+                total += int(per_row.sum())
+                empty += int((per_row == 0).sum())
+            return total, empty
+        for i in range(len(self)):
+            n = int((self.item(i)["labels"] != IGNORE_INDEX).sum())
+            total += n
+            empty += n == 0
+        return total, empty
