@@ -23,6 +23,9 @@ run: $(VENV)/.installed-run
 	$(VENV)/bin/sftpack inspect $(OUT) --row 0
 
 test: $(VENV)/.installed-dev
+	$(PY) -m ruff check src
+	$(PY) -m ruff format --check src
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-dev

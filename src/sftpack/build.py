@@ -30,13 +30,23 @@ import numpy as np
 import xxhash
 
 from . import __version__
-from .errors import ConfigError, SFTPackError
 from .config import BuildOptions
+from .errors import ConfigError, SFTPackError
 from .plans import PlanStats
 from .records import Inputs, Record, RecordReader, expand_inputs, fingerprint_inputs
-from .store import (MANIFEST, NPY_HEADER, VERSION, Store, StoreWriter, clean_stale, open_store, prepare_target,
-                    record_defaults,
-                    target_lock, token_dtype)
+from .store import (
+    MANIFEST,
+    NPY_HEADER,
+    VERSION,
+    Store,
+    StoreWriter,
+    clean_stale,
+    open_store,
+    prepare_target,
+    record_defaults,
+    target_lock,
+    token_dtype,
+)
 from .templates import Rendered, Schema, Template, make_template
 from .tokenize import EncodedBatch, encode_documents
 from .tokenizers import AcceleratedTokenizer, Tokenizer, load_tokenizer
@@ -82,10 +92,12 @@ class BuildSummary:
             out.append(f"  dropped at tail:  {self.dropped_tokens:,} tokens")
         elif self.plan is not None:
             p = self.plan
-            out += [f"  efficiency:       {p.efficiency:.2%} ({p.padding_tokens:,} padding tokens)",
-                    f"  documents split / truncated / dropped: {p.documents_split:,} / {p.documents_truncated:,}"
-                    f" / {p.documents_dropped:,}",
-                    f"  tokens lost:      {p.tokens_lost:,}"]
+            out += [
+                f"  efficiency:       {p.efficiency:.2%} ({p.padding_tokens:,} padding tokens)",
+                f"  documents split / truncated / dropped: {p.documents_split:,} / {p.documents_truncated:,}"
+                f" / {p.documents_dropped:,}",
+                f"  tokens lost:      {p.tokens_lost:,}",
+            ]
         out.append(f"  supervised:       {self.supervised_tokens:,} label tokens")
         out += [f"  {w}" for w in self.warnings()]
         out.append(f"  tokenizer:        {self.tokenizer}")
@@ -102,9 +114,11 @@ class BuildSummary:
         if self.special_token_documents:
             out.append(f"WARNING: {self.special_token_documents:,} documents hold special-token strings in their text")
         if self.packing != "concat" and self.plan is not None and self.plan.tokens_lost:
-            out.append(f"WARNING: the plan loses {self.plan.tokens_lost:,} tokens "
-                       f"({self.plan.documents_truncated:,} truncated, {self.plan.documents_dropped:,} dropped "
-                       "documents); overflow='split' keeps them")
+            out.append(
+                f"WARNING: the plan loses {self.plan.tokens_lost:,} tokens "
+                f"({self.plan.documents_truncated:,} truncated, {self.plan.documents_dropped:,} dropped "
+                "documents); overflow='split' keeps them"
+            )
         return out
 
 
@@ -193,8 +207,11 @@ def build(
         if summary.special_token_documents:
             warnings.warn(
                 f"{summary.special_token_documents} documents contain special-token strings in their text; they "
-                + ("were parsed as special tokens (the reference behaviour, an injection risk)"
-                   if options.special_tokens == "parse" else "were encoded as plain text"),
+                + (
+                    "were parsed as special tokens (the reference behaviour, an injection risk)"
+                    if options.special_tokens == "parse"
+                    else "were encoded as plain text"
+                ),
                 stacklevel=2,
             )
     return summary
@@ -220,16 +237,34 @@ def summarize(store: Store, options: BuildOptions, seconds: float, reused: bool)
     supervised, empty = view.supervision()
     c, stats = store.manifest["counts"], view.plan.stats
     return BuildSummary(
-        path=store.path, documents=c["documents"], tokens=stats.tokens_in, sequences=len(view),
-        dropped_tokens=stats.tokens_lost, supervised_tokens=supervised, rows_without_supervision=empty,
-        special_token_documents=c["special_token_documents"], input_bytes=c["input_bytes"], seconds=seconds,
-        reused=reused, tokenizer=store.manifest["tokenizer"]["name"], seed=options.seed if options.shuffle else None,
-        packing=options.packing, plan=stats,
+        path=store.path,
+        documents=c["documents"],
+        tokens=stats.tokens_in,
+        sequences=len(view),
+        dropped_tokens=stats.tokens_lost,
+        supervised_tokens=supervised,
+        rows_without_supervision=empty,
+        special_token_documents=c["special_token_documents"],
+        input_bytes=c["input_bytes"],
+        seconds=seconds,
+        reused=reused,
+        tokenizer=store.manifest["tokenizer"]["name"],
+        seed=options.seed if options.shuffle else None,
+        packing=options.packing,
+        plan=stats,
     )
 
 
-def _write_store(reader: RecordReader, out: Path, fp: str, tok: Tokenizer, schema: Schema, template: Template,
-                 options: BuildOptions, progress: bool | None) -> None:
+def _write_store(
+    reader: RecordReader,
+    out: Path,
+    fp: str,
+    tok: Tokenizer,
+    schema: Schema,
+    template: Template,
+    options: BuildOptions,
+    progress: bool | None,
+) -> None:
     with StoreWriter(out, token_dtype(tok.vocab_size)) as writer:
         special_docs = _encode_all(reader, tok, schema, template, options, writer, progress)
         mask_path = writer.loss_mask_path()
@@ -238,28 +273,30 @@ def _write_store(reader: RecordReader, out: Path, fp: str, tok: Tokenizer, schem
             raise ConfigError(
                 "no token of the dataset is supervised (every label is masked); check train_on_prompt and the template"
             )
-        writer.commit({
-            "fingerprint": fp,
-            "created_by": f"sftpack {__version__}",
-            "options": options.group("store"),
-            "plan": options.group("plan"),
-            "view": options.group("view"),
-            "tokenizer": {
-                "name": tok.name,
-                "vocab_size": tok.vocab_size,
-                "bos_id": tok.bos_id,
-                "eos_id": tok.eos_id,
-                "pad_id": tok.pad_id,
-                "adds_bos": tok.adds_bos,
-            },
-            "counts": {
-                "documents": writer.n_docs,
-                "tokens": writer.n_tokens,
-                "supervised_tokens": supervised,
-                "special_token_documents": special_docs,
-                "input_bytes": reader.total_bytes,
-            },
-        })
+        writer.commit(
+            {
+                "fingerprint": fp,
+                "created_by": f"sftpack {__version__}",
+                "options": options.group("store"),
+                "plan": options.group("plan"),
+                "view": options.group("view"),
+                "tokenizer": {
+                    "name": tok.name,
+                    "vocab_size": tok.vocab_size,
+                    "bos_id": tok.bos_id,
+                    "eos_id": tok.eos_id,
+                    "pad_id": tok.pad_id,
+                    "adds_bos": tok.adds_bos,
+                },
+                "counts": {
+                    "documents": writer.n_docs,
+                    "tokens": writer.n_tokens,
+                    "supervised_tokens": supervised,
+                    "special_token_documents": special_docs,
+                    "input_bytes": reader.total_bytes,
+                },
+            }
+        )
 
 
 def _chunks(path: Path, n: int, step: int = 1 << 22) -> Iterator[np.ndarray]:
@@ -284,8 +321,9 @@ def _check_encodable(records: list[Record], docs: list[Rendered]) -> None:
             raise record.error(f"text cannot be encoded as UTF-8 ({exc.reason}: a lone surrogate?)") from None
 
 
-def _batches(reader: RecordReader, schema: Schema, template: Template,
-             specials: re.Pattern[str] | None) -> Iterator[tuple[list[Record], list[Rendered], bool]]:
+def _batches(
+    reader: RecordReader, schema: Schema, template: Template, specials: re.Pattern[str] | None
+) -> Iterator[tuple[list[Record], list[Rendered], bool]]:
     """Batches of (records, rendered documents, whether any holds a special-token string)."""
     records: list[Record] = []
     docs: list[Rendered] = []
@@ -342,8 +380,15 @@ def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         stop.set()
 
 
-def _encode_all(reader: RecordReader, tok: Tokenizer, schema: Schema, template: Template, opts: BuildOptions,
-                writer: StoreWriter, progress: bool | None) -> int:
+def _encode_all(
+    reader: RecordReader,
+    tok: Tokenizer,
+    schema: Schema,
+    template: Template,
+    opts: BuildOptions,
+    writer: StoreWriter,
+    progress: bool | None,
+) -> int:
     """Read and render in one thread, encode in this one (the tokenizer's threads do the
     work), check ids and append to the store in a third, in order, at most two batches behind.
     Returns how many documents hold special-token strings in their user content."""
@@ -365,13 +410,20 @@ def _encode_all(reader: RecordReader, tok: Tokenizer, schema: Schema, template: 
                 try:
                     if first_batch and isinstance(tok, AcceleratedTokenizer):
                         tok.check_sample([d.text for d in docs[:SAMPLE_DOCS]])
-                    encode = functools.partial(encode_documents, tok, train_on_prompt=opts.train_on_prompt,
-                                               parse_specials=opts.special_tokens == "parse")
+                    encode = functools.partial(
+                        encode_documents,
+                        tok,
+                        train_on_prompt=opts.train_on_prompt,
+                        parse_specials=opts.special_tokens == "parse",
+                    )
                     batch = encode(docs, has_specials=has_specials)
                     # any document may open a plan's stream: keep each one's first-in-stream encoding
                     # where the tokenizer's differs (SentencePiece), so that no plan re-tokenizes
-                    first = None if tok.per_piece_exact else _concat_batches(
-                        [encode([doc], first_in_stream=True) for doc in docs])
+                    first = (
+                        None
+                        if tok.per_piece_exact
+                        else _concat_batches([encode([doc], first_in_stream=True) for doc in docs])
+                    )
                 except Exception:
                     _check_encodable(records, docs)  # raises the located error when that is the cause
                     raise
@@ -393,9 +445,12 @@ def _encode_all(reader: RecordReader, tok: Tokenizer, schema: Schema, template: 
 
 
 def _concat_batches(batches: list[EncodedBatch]) -> EncodedBatch:
-    return replace(batches[0], tokens=np.concatenate([b.tokens for b in batches]),
-                   mask=np.concatenate([b.mask for b in batches]),
-                   unit_lengths=np.concatenate([b.unit_lengths for b in batches]))
+    return replace(
+        batches[0],
+        tokens=np.concatenate([b.tokens for b in batches]),
+        mask=np.concatenate([b.mask for b in batches]),
+        unit_lengths=np.concatenate([b.unit_lengths for b in batches]),
+    )
 
 
 def _check_ids(tokens: np.ndarray, unit_lengths: np.ndarray, records: list[Record], vocab_size: int) -> None:

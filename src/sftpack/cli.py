@@ -25,10 +25,12 @@ def _fields(pairs: Sequence[str]) -> dict[str, str]:
 def _parser() -> argparse.ArgumentParser:
     # --debug is accepted before and after the command; SUPPRESS keeps one from resetting the other
     debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="on an error, show the Python traceback")
-    p = argparse.ArgumentParser(prog="sftpack", description="Pack SFT data into fixed-length training sequences.",
-                                parents=[debug])
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the Python traceback"
+    )
+    p = argparse.ArgumentParser(
+        prog="sftpack", description="Pack SFT data into fixed-length training sequences.", parents=[debug]
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="build (or reuse) a packed store", parents=[debug])
@@ -40,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild even if the store is up to date")
     b.add_argument("--quiet", action="store_true", help="no progress bar, no summary (warnings are still shown)")
 
-    st = sub.add_parser("stats", help="plan a store and report: rows, efficiency, losses, document lengths",
-                        parents=[debug])
+    st = sub.add_parser(
+        "stats", help="plan a store and report: rows, efficiency, losses, document lengths", parents=[debug]
+    )
     st.add_argument("store")
     _option_flags(st, groups=("plan",), recorded=True)
     st.add_argument("--plot", metavar="FILE.png", help="also draw the length histogram and row fill (matplotlib)")
@@ -49,16 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every checksum of a store", parents=[debug])
     v.add_argument("store")
 
-    i = sub.add_parser("inspect", help="print a row decoded, with boundaries and masked tokens marked",
-                       parents=[debug])
+    i = sub.add_parser("inspect", help="print a row decoded, with boundaries and masked tokens marked", parents=[debug])
     i.add_argument("store")
     i.add_argument("--row", type=int, default=0)
     i.add_argument("--tokenizer", default=None, help="override the tokenizer recorded in the store")
     i.add_argument("--color", choices=("auto", "always", "never"), default="auto")
 
-    c = sub.add_parser("check-isolation",
-                       help="prove packed rows give the same per-token loss as documents run alone (tiny random Llama)",
-                       parents=[debug])
+    c = sub.add_parser(
+        "check-isolation",
+        help="prove packed rows give the same per-token loss as documents run alone (tiny random Llama)",
+        parents=[debug],
+    )
     c.add_argument("store")
     c.add_argument("--rows", type=int, default=4)
     c.add_argument("--seed", type=int, default=0)
@@ -66,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _option_flags(p: argparse.ArgumentParser, groups: tuple[str, ...] = ("plan", "store", "view"),
-                  recorded: bool = False) -> None:
+def _option_flags(
+    p: argparse.ArgumentParser, groups: tuple[str, ...] = ("plan", "store", "view"), recorded: bool = False
+) -> None:
     """One flag per `BuildOptions` field (the single list of options). `recorded`: every
     default is None, meaning "as recorded in the store"."""
     from .config import option_fields
@@ -80,11 +85,17 @@ def _option_flags(p: argparse.ArgumentParser, groups: tuple[str, ...] = ("plan",
         if f.name == "fields":
             kw.update(action="append", default=[], metavar="NAME=KEY")
         elif f.type.startswith("bool"):
-            kw.update(action="store_false" if flag.startswith("--no-") else "store_true",
-                      default=None if recorded or f.default is None else f.default)
+            kw.update(
+                action="store_false" if flag.startswith("--no-") else "store_true",
+                default=None if recorded or f.default is None else f.default,
+            )
         else:
-            kw.update(type=int if f.type.startswith("int") else str, choices=f.metadata["choices"] or None,
-                      default=None if recorded else f.default, required=f.name == "seq_length" and not recorded)
+            kw.update(
+                type=int if f.type.startswith("int") else str,
+                choices=f.metadata["choices"] or None,
+                default=None if recorded else f.default,
+                required=f.name == "seq_length" and not recorded,
+            )
         p.add_argument(flag, **kw)
 
 
@@ -129,8 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error(message: str) -> None:
-    print("sftpack: error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()),
-          file=sys.stderr)
+    print("sftpack: error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()), file=sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -166,8 +176,15 @@ def _build(args: argparse.Namespace) -> int:
     options = BuildOptions(**{**values, "fields": _fields(args.fields)})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        summary = build(args.inputs, args.out, options, args.tokenizer, workers=args.workers,
-                        progress=False if args.quiet else None, force=args.force)
+        summary = build(
+            args.inputs,
+            args.out,
+            options,
+            args.tokenizer,
+            workers=args.workers,
+            progress=False if args.quiet else None,
+            force=args.force,
+        )
     if not args.quiet:
         print("\n".join(summary.lines()))
     for line in _warnings(summary, caught, args):
@@ -182,9 +199,14 @@ def _warnings(summary: Any, caught: list[warnings.WarningMessage], args: argpars
     if args.quiet and summary.rows_without_supervision:
         out.append(f"{summary.rows_without_supervision:,} rows have no supervised token")
     if args.quiet and summary.special_token_documents:
-        out.append(f"{summary.special_token_documents:,} documents hold special-token strings in their text; "
-                   + ("they were parsed as special tokens (an injection risk; --special-tokens text keeps them "
-                      "as text)" if args.special_tokens == "parse" else "they were encoded as plain text"))
+        out.append(
+            f"{summary.special_token_documents:,} documents hold special-token strings in their text; "
+            + (
+                "they were parsed as special tokens (an injection risk; --special-tokens text keeps them as text)"
+                if args.special_tokens == "parse"
+                else "they were encoded as plain text"
+            )
+        )
     out.extend(str(w.message) for w in caught if "special-token strings" not in str(w.message))
     return list(dict.fromkeys(out))
 

@@ -21,8 +21,15 @@ OVERFLOWS = ("split", "truncate", "drop")
 SPECIAL_TOKENS = ("parse", "text")
 
 
-def _opt(group: str, help: str, default: Any = MISSING, *, flag: str | None = None, choices: tuple[str, ...] = (),
-         factory: Any = MISSING) -> Any:
+def _opt(
+    group: str,
+    help: str,
+    default: Any = MISSING,
+    *,
+    flag: str | None = None,
+    choices: tuple[str, ...] = (),
+    factory: Any = MISSING,
+) -> Any:
     meta = {"group": group, "help": help, "flag": flag, "choices": choices}
     if factory is not MISSING:
         return field(default_factory=factory, metadata=meta)
@@ -42,22 +49,36 @@ class BuildOptions:
     store is reopened with `open_packed`."""
 
     seq_length: int = _opt("plan", "tokens per row")
-    packing: str = _opt("plan", "concat: the reference's one stream cut into rows; bfd: whole documents, "
-                        "best-fit decreasing", "concat", choices=PACKINGS)
-    overflow: str = _opt("plan", "bfd, documents longer than seq_length: split into pieces, truncate or drop",
-                         "split", choices=OVERFLOWS)
-    pad: bool | None = _opt("plan", "bfd rows padded to seq_length (default); --no-pad: their real length",
-                            None, flag="--no-pad")
+    packing: str = _opt(
+        "plan",
+        "concat: the reference's one stream cut into rows; bfd: whole documents, best-fit decreasing",
+        "concat",
+        choices=PACKINGS,
+    )
+    overflow: str = _opt(
+        "plan", "bfd, documents longer than seq_length: split into pieces, truncate or drop", "split", choices=OVERFLOWS
+    )
+    pad: bool | None = _opt(
+        "plan", "bfd rows padded to seq_length (default); --no-pad: their real length", None, flag="--no-pad"
+    )
     shuffle: bool = _opt("plan", "shuffle documents before packing", False)
     seed: int | None = _opt("plan", "shuffle seed (default: a fresh one, recorded)", None)
     schema: str = _opt("store", "auto, prompt_response, alpaca, messages, sharegpt", "auto")
     fields: Mapping[str, str] = _opt("store", "rename a field: NAME=KEY", factory=dict, flag="--field")
     template: str = _opt("store", "alpaca, chat, a template string or a template file", "alpaca")
-    train_on_prompt: bool = _opt("store", "train on every token (the reference); --no-train-on-prompt: "
-                                 "response tokens only", True, flag="--no-train-on-prompt")
+    train_on_prompt: bool = _opt(
+        "store",
+        "train on every token (the reference); --no-train-on-prompt: response tokens only",
+        True,
+        flag="--no-train-on-prompt",
+    )
     last_turn_only: bool = _opt("store", "train only the last assistant turn", False)
-    special_tokens: str = _opt("store", "special-token strings in user text: parse them (reference) or keep "
-                               "them as text", "parse", choices=SPECIAL_TOKENS)
+    special_tokens: str = _opt(
+        "store",
+        "special-token strings in user text: parse them (reference) or keep them as text",
+        "parse",
+        choices=SPECIAL_TOKENS,
+    )
     boundaries: bool = _opt("view", "rows carry position_ids and seq_lens", False)
     mask_cross_document: bool = _opt("view", "mask labels that cross into the next document", False)
 
@@ -86,8 +107,9 @@ class BuildOptions:
         for f in fields(self):
             if f.metadata["group"] == name:
                 value = getattr(self, f.name)
-                out[f.name] = dict(sorted(value.items())) if f.name == "fields" else (
-                    int(value) if _is_int(value) else value)
+                out[f.name] = (
+                    dict(sorted(value.items())) if f.name == "fields" else (int(value) if _is_int(value) else value)
+                )
         return out
 
     def with_recorded(self, recorded: Mapping[str, Any]) -> BuildOptions:

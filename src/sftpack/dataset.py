@@ -62,8 +62,9 @@ class PackedSFTDataset(Dataset):
             out: Path | None = Path(self._tmp.name) / "store"
         else:
             out = None
-        self.summary: BuildSummary | None = build(dataset_path, out, opts, tokenizer, workers=workers,
-                                                  progress=False, cache_dir=cache_dir)
+        self.summary: BuildSummary | None = build(
+            dataset_path, out, opts, tokenizer, workers=workers, progress=False, cache_dir=cache_dir
+        )
         self._attach(open_store(self.summary.path), opts)
 
     @classmethod
@@ -123,6 +124,15 @@ def open_packed(
     """Reopen a built store as a dataset, planned anew where an option is given (`None`:
     as recorded at build). Never re-tokenizes; `verify` checks every checksum first."""
     store = open_store(path, verify=verify)
-    options = options_for(store, seq_length=seq_length, packing=packing, overflow=overflow, pad=pad, shuffle=shuffle,
-                          seed=seed, boundaries=boundaries, mask_cross_document=mask_cross_document)
+    options = options_for(
+        store,
+        seq_length=seq_length,
+        packing=packing,
+        overflow=overflow,
+        pad=pad,
+        shuffle=shuffle,
+        seed=seed,
+        boundaries=boundaries,
+        mask_cross_document=mask_cross_document,
+    )
     return PackedSFTDataset.from_store(store, options)

@@ -37,8 +37,10 @@ def render_row(path: str | os.PathLike, row: int, *, tokenizer: Any = None, colo
     at = np.concatenate(([0], np.cumsum(pieces_of_row.length)[:-1]))
     doc_at = {int(a): int(d) for a, d, s in zip(at, pieces_of_row.doc, pieces_of_row.start) if s == 0 and a < L}
 
-    out = [f"row {row} of {n} ({view.options.packing}, seq_length {L}); "
-           + ("trained tokens green, untrained dim" if use_color else "untrained tokens inside [~ ~]")]
+    out = [
+        f"row {row} of {n} ({view.options.packing}, seq_length {L}); "
+        + ("trained tokens green, untrained dim" if use_color else "untrained tokens inside [~ ~]")
+    ]
     if len(pieces_of_row) and pieces_of_row.start[0] != 0:
         out.append(f"(continues document {int(pieces_of_row.doc[0])})")
     pieces: list[str] = []

@@ -105,7 +105,7 @@ def tiny_llama(
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype=torch.float32)
+    model = LlamaForCausalLM(config).to(dtype=torch.float32)  # type: ignore[call-arg]
     model.eval()
     return model
 
@@ -121,8 +121,9 @@ def _forward(model: Any, input_ids: Any, position_ids: Any | None) -> Any:
 def _token_loss(logits: Any, labels: Any) -> Any:
     import torch.nn.functional as F
 
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                           reduction="none").reshape(labels.shape)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).reshape(labels.shape)
 
 
 def check_isolation(

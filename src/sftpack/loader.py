@@ -14,6 +14,11 @@ from .pack import IGNORE_INDEX, cu_seqlens
 def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor] | int]:
     """Stack rows into (B, L) tensors. With boundaries, `seq_lens` stays a list (one per row)
     and `cu_seqlens`/`max_seqlen` describe the batch flattened to B*L tokens (flash-attn varlen)."""
+    if len({len(item["input_ids"]) for item in items}) > 1:
+        raise ValueError(
+            "rows of different lengths (a bfd plan with pad=False) cannot be stacked: "
+            "use collate_fn=sftpack.collate_flattened, or pad=True"
+        )
     batch: dict[str, torch.Tensor | list[torch.Tensor] | int] = {
         key: torch.stack([item[key] for item in items]) for key in items[0] if key != "seq_lens"
     }

@@ -24,8 +24,8 @@ import xxhash
 
 from .errors import ConfigError, InputError
 
-PathLike = Union[str, os.PathLike]
-Inputs = Union[PathLike, Sequence[PathLike]]
+PathLike = Union[str, os.PathLike]  # noqa: UP007  (a runtime alias: `|` needs 3.10 objects)
+Inputs = Union[PathLike, Sequence[PathLike]]  # noqa: UP007
 
 _FORMATS = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".json", ".parquet")
 
@@ -52,8 +52,11 @@ def expand_inputs(inputs: Inputs) -> list[Path]:
         text = os.fspath(item)
         if any(ch in text for ch in "*?["):
             # a matched directory is skipped unless it is named like data (Spark's `x.parquet/`)
-            matches = [Path(m) for m in glob.glob(text, recursive=True)
-                       if not os.path.isdir(m) or _format_of(Path(m), strict=False)]
+            matches = [
+                Path(m)
+                for m in glob.glob(text, recursive=True)
+                if not os.path.isdir(m) or _format_of(Path(m), strict=False)
+            ]
             if not matches:
                 raise ConfigError(f"input pattern {text!r} matches no file")
             found.extend(matches)
@@ -86,12 +89,27 @@ def _check_regular(path: Path) -> None:
     if stat.S_ISREG(mode):
         return
     if stat.S_ISDIR(mode):
-        raise InputError(path, None, "is a directory inside an input directory or pattern; directories are "
-                                     "not searched recursively: pass it (or a glob of its files) as an input")
-    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-    raise InputError(path, None, f"is {kind}, not a regular file; sftpack reads every input twice "
-                                 "(to fingerprint it, then to build): save the data to a file first")
+        raise InputError(
+            path,
+            None,
+            "is a directory inside an input directory or pattern; directories are "
+            "not searched recursively: pass it (or a glob of its files) as an input",
+        )
+    kind = (
+        "a named pipe (FIFO)"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "not a regular file"
+    )
+    raise InputError(
+        path,
+        None,
+        f"is {kind}, not a regular file; sftpack reads every input twice "
+        "(to fingerprint it, then to build): save the data to a file first",
+    )
 
 
 def _format_of(path: Path, strict: bool = True) -> str | None:
@@ -139,8 +157,11 @@ def _check_unchanged(path: Path, before: tuple[int, int], after: tuple[int, int]
     """A file written to while it is read gives a store of neither version (and a fingerprint
     that does not describe it): refuse it."""
     if after != before or (size is not None and size != before[0]):
-        raise InputError(path, None, f"the file changed while it was read ({before[0]:,} bytes, then "
-                                     f"{after[0]:,}); rerun once it is complete")
+        raise InputError(
+            path,
+            None,
+            f"the file changed while it was read ({before[0]:,} bytes, then {after[0]:,}); rerun once it is complete",
+        )
 
 
 class RecordReader:
@@ -174,7 +195,7 @@ class RecordReader:
             elif fmt == ".json":
                 reader = self._json_array(path)
             else:
-                reader = self._jsonl(path, fmt)
+                reader = self._jsonl(path, fmt or "")
             try:
                 for record in reader:
                     count += 1
@@ -197,7 +218,7 @@ class RecordReader:
             if fmt == ".jsonl.gz":
                 stream = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]  # checks CRC and length
             elif fmt == ".jsonl.zst":
-                stream = io.BufferedReader(_ZstdReader(raw), 1 << 20)  # type: ignore[assignment]
+                stream = io.BufferedReader(_ZstdReader(raw), 1 << 20)
             fast = msgspec.json.Decoder().decode
             try:
                 for lineno, raw_line in enumerate(stream, 1):
@@ -397,8 +418,11 @@ class _JsonText:
                     continue  # the value may continue in the next chunk
                 line = self.line + self._buf.count("\n", self._pos, exc.pos)
                 ends = exc.pos >= len(self._buf) or exc.msg.startswith("Unterminated string")
-                raise InputError(self.source, line, f"malformed JSON: {exc.msg}"
-                                 + ("; the file ends inside this value (truncated?)" if ends else "")) from None
+                raise InputError(
+                    self.source,
+                    line,
+                    f"malformed JSON: {exc.msg}" + ("; the file ends inside this value (truncated?)" if ends else ""),
+                ) from None
             except RecursionError:
                 raise InputError(self.source, self.line, _TOO_DEEP) from None
             if end == len(self._buf) and self._fill():

@@ -11,7 +11,6 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -28,8 +27,16 @@ def length_summary(lengths: np.ndarray) -> dict:
     if not a.size:
         return dict(count=0, total=0, min=0, mean=0.0, p50=0, p90=0, p99=0, max=0)
     p50, p90, p99 = (int(np.rint(v)) for v in np.percentile(a, [50, 90, 99]))
-    return dict(count=int(a.size), total=int(a.sum()), min=int(a.min()), mean=float(a.mean()),
-                p50=p50, p90=p90, p99=p99, max=int(a.max()))
+    return dict(
+        count=int(a.size),
+        total=int(a.sum()),
+        min=int(a.min()),
+        mean=float(a.mean()),
+        p50=p50,
+        p90=p90,
+        p99=p99,
+        max=int(a.max()),
+    )
 
 
 def _bins(a: np.ndarray, seq_length: int, bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,19 +78,27 @@ def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.2f}%" if whole else "0.00%"
 
 
-def report_lines(stats: PlanStats, lengths: np.ndarray, *, pad: Optional[bool] = None) -> list[str]:
+def report_lines(stats: PlanStats, lengths: np.ndarray, *, pad: bool | None = None) -> list[str]:
     """The summary to print: counts with nothing rounded away, losses named, a WARNING
     whenever a token is lost. `pad`: True says rows are padded to seq_length, False that
     they are served unpadded (flattened), None says nothing about it."""
     s, L = stats, stats.seq_length
-    sup = "unknown" if s.supervised_lost is None else (
-        f"{s.supervised_lost:,} of {s.supervised_in:,} ({_pct(s.supervised_lost, s.supervised_in or 0)})")
-    pad_note = {None: "", True: " (rows padded to seq_length)", False: " row slots left empty (rows served unpadded)"}[pad]
+    sup = (
+        "unknown"
+        if s.supervised_lost is None
+        else (f"{s.supervised_lost:,} of {s.supervised_in:,} ({_pct(s.supervised_lost, s.supervised_in or 0)})")
+    )
+    pad_note = {None: "", True: " (rows padded to seq_length)", False: " row slots left empty (rows served unpadded)"}[
+        pad
+    ]
     extra = s.rows - s.lower_bound_rows
     fields = [
         ("documents", f"{s.documents_in:,} in, {s.documents_packed:,} packed"),
-        ("rows", f"{s.rows:,} (lower bound {s.lower_bound_rows:,} = ceil(packed tokens / seq_length); "
-                 f"{extra:+,} rows, {_pct(extra, s.lower_bound_rows)})"),
+        (
+            "rows",
+            f"{s.rows:,} (lower bound {s.lower_bound_rows:,} = ceil(packed tokens / seq_length); "
+            f"{extra:+,} rows, {_pct(extra, s.lower_bound_rows)})",
+        ),
         ("packing efficiency", f"{100 * s.efficiency:.2f}% ({s.tokens_packed:,} tokens / {s.rows:,} rows x {L:,})"),
         ("padding tokens", f"{s.padding_tokens:,}{pad_note}"),
         ("documents split", f"{s.documents_split:,}"),
@@ -94,19 +109,23 @@ def report_lines(stats: PlanStats, lengths: np.ndarray, *, pad: Optional[bool] =
     ]
     out = [f"packing report (seq_length {L:,}):"] + [f"  {k + ':':<21}{v}" for k, v in fields]
     if s.tokens_lost:
-        out.append(f"  WARNING: {s.supervised_lost:,} supervised tokens lost: the model never trains on them"
-                   if s.supervised_lost else
-                   f"  WARNING: {s.tokens_lost:,} tokens lost; how many were supervised is unknown"
-                   if s.supervised_lost is None else
-                   f"  WARNING: {s.tokens_lost:,} tokens lost (none supervised)")
+        out.append(
+            f"  WARNING: {s.supervised_lost:,} supervised tokens lost: the model never trains on them"
+            if s.supervised_lost
+            else f"  WARNING: {s.tokens_lost:,} tokens lost; how many were supervised is unknown"
+            if s.supervised_lost is None
+            else f"  WARNING: {s.tokens_lost:,} tokens lost (none supervised)"
+        )
     d = length_summary(lengths)
-    out.append(f"  {'document lengths:':<21}min {d['min']:,}, p50 {d['p50']:,}, p90 {d['p90']:,}, "
-               f"p99 {d['p99']:,}, max {d['max']:,}, mean {d['mean']:,.1f}")
+    out.append(
+        f"  {'document lengths:':<21}min {d['min']:,}, p50 {d['p50']:,}, p90 {d['p90']:,}, "
+        f"p99 {d['p99']:,}, max {d['max']:,}, mean {d['mean']:,.1f}"
+    )
     out += ["    " + line for line in text_histogram(lengths, L)]
     return out
 
 
-def row_fill(plan: "Plan | ConcatPlan") -> np.ndarray:
+def row_fill(plan: Plan | ConcatPlan) -> np.ndarray:
     """Input tokens in each row (int64). Concat rows are always full; a materialised concat
     `Plan` holds seq_length + 1 tokens per row (the shared last label), counted as seq_length."""
     if isinstance(plan, ConcatPlan):
@@ -139,8 +158,12 @@ def plot(stats: PlanStats, lengths: np.ndarray, row_fill: np.ndarray, path: str 
     left.legend()
     right.hist(fill, bins=np.linspace(0, 1, 51), color="tab:green")
     right.set_yscale("log")  # the few part-filled rows stay visible beside thousands of full ones
-    right.set(title=f"row fill (efficiency {100 * stats.efficiency:.2f}%)",
-              xlabel="tokens per row / seq_length", ylabel="rows", xlim=(0, 1))
+    right.set(
+        title=f"row fill (efficiency {100 * stats.efficiency:.2f}%)",
+        xlabel="tokens per row / seq_length",
+        ylabel="rows",
+        xlim=(0, 1),
+    )
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

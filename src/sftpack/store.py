@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import xxhash
@@ -37,8 +37,11 @@ MANIFEST = "manifest.json"
 ARRAYS = {"tokens": "tokens.npy", "loss_mask": "loss_mask.npy", "doc_offsets": "doc_offsets.npy"}
 # tokenizers whose first document of a stream encodes differently (SentencePiece) also
 # store that variant of every document, so that any plan may put any document first
-FIRST_ARRAYS = {"first_tokens": "first_tokens.npy", "first_mask": "first_mask.npy",
-                "first_offsets": "first_offsets.npy"}
+FIRST_ARRAYS = {
+    "first_tokens": "first_tokens.npy",
+    "first_mask": "first_mask.npy",
+    "first_offsets": "first_offsets.npy",
+}
 ALL_ARRAYS = {**ARRAYS, **FIRST_ARRAYS}
 NPY_HEADER = 128  # bytes reserved for the .npy v1.0 header of an array written incrementally
 
@@ -114,8 +117,10 @@ def target_lock(target: Path, on_wait: Callable[[], None] | None = None) -> Iter
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise StoreError(f"cannot create the build lock {path}: {exc.strerror}; "
-                             f"choose an --out whose parent directory you can write") from None
+            raise StoreError(
+                f"cannot create the build lock {path}: {exc.strerror}; "
+                f"choose an --out whose parent directory you can write"
+            ) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -171,9 +176,9 @@ def _remove_tree(path: Path) -> OSError | None:
     full disk must not stop the cleanup that frees it)."""
     errors: list[OSError] = []
     if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=lambda fn, p, exc: errors.append(exc))
+        shutil.rmtree(path, onexc=lambda fn, p, exc: errors.append(exc))  # type: ignore[arg-type]
     else:
-        shutil.rmtree(path, onerror=lambda fn, p, info: errors.append(info[1]))
+        shutil.rmtree(path, onerror=lambda fn, p, info: errors.append(info[1]))  # type: ignore[arg-type]
     return errors[0] if errors else None
 
 
@@ -185,7 +190,11 @@ def owned_store(path: Path) -> bool:
         manifest = read_manifest(path)
     except StoreError:
         return False
-    own = {MANIFEST, MANIFEST + ".part", *(str(e.get("path")) for e in manifest["files"].values() if isinstance(e, dict))}
+    own = {
+        MANIFEST,
+        MANIFEST + ".part",
+        *(str(e.get("path")) for e in manifest["files"].values() if isinstance(e, dict)),
+    }
     return all(entry.name in own for entry in path.iterdir())
 
 
@@ -200,15 +209,19 @@ def prepare_target(target: str | os.PathLike) -> Path:
     if path.is_symlink():
         resolved = path.resolve()
         if not resolved.exists():
-            raise StoreError(f"{path} is a symlink to {resolved}, which does not exist; create it or choose another --out")
+            raise StoreError(
+                f"{path} is a symlink to {resolved}, which does not exist; create it or choose another --out"
+            )
         path = resolved
     if not path.exists():
         return path
     if not path.is_dir():
         raise StoreError(f"{path} exists and is not a directory; sftpack will not replace it: choose another --out")
     if os.path.ismount(path):
-        raise StoreError(f"{path} is a mount point, which sftpack cannot replace atomically; "
-                         f"use a directory inside it, e.g. {path / 'store'}")
+        raise StoreError(
+            f"{path} is a mount point, which sftpack cannot replace atomically; "
+            f"use a directory inside it, e.g. {path / 'store'}"
+        )
     if any(path.iterdir()) and not owned_store(path):
         raise StoreError(
             f"{path} is not empty and is not an sftpack store; sftpack replaces only an empty directory "
@@ -246,8 +259,8 @@ class StoreWriter:
         self._first_tokens = 0
 
     def _arrays(self, names: dict[str, str], dtype: np.dtype) -> tuple[_Appender, _Appender, _Appender]:
-        tokens, mask, offsets = (_Appender(self.tmp / name, dt) for name, dt in
-                                 zip(names.values(), (dtype, np.dtype(np.uint8), np.dtype(np.int64))))
+        dtypes: tuple[np.dtype, ...] = (dtype, np.dtype(np.uint8), np.dtype(np.int64))
+        tokens, mask, offsets = (_Appender(self.tmp / name, dt) for name, dt in zip(names.values(), dtypes))
         self._appenders += [tokens, mask, offsets]
         offsets.append(np.zeros(1, dtype=np.int64))
         return tokens, mask, offsets
@@ -255,7 +268,7 @@ class StoreWriter:
     def __enter__(self) -> StoreWriter:
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         if exc_type is not None or not self._done:
             error = self.abort()
             if error is not None and exc is not None and hasattr(exc, "add_note"):
@@ -368,8 +381,14 @@ def _manifest_checksum(manifest: dict[str, Any]) -> str:
     return xxhash.xxh3_128_hexdigest(json.dumps(body, sort_keys=True).encode())
 
 
-_ARRAY_DTYPES = {"tokens": ("uint16", "uint32"), "loss_mask": ("uint8",), "doc_offsets": ("int64",),
-                 "first_tokens": ("uint16", "uint32"), "first_mask": ("uint8",), "first_offsets": ("int64",)}
+_ARRAY_DTYPES = {
+    "tokens": ("uint16", "uint32"),
+    "loss_mask": ("uint8",),
+    "doc_offsets": ("int64",),
+    "first_tokens": ("uint16", "uint32"),
+    "first_mask": ("uint8",),
+    "first_offsets": ("int64",),
+}
 
 
 def _shape_error(manifest: dict[str, Any]) -> str | None:
@@ -415,7 +434,11 @@ def _shape_error(manifest: dict[str, Any]) -> str | None:
             return f"file entry {key!r} must be the plain name {ALL_ARRAYS[key]!r}"
         if entry.get("dtype") not in _ARRAY_DTYPES[key]:
             return f"{key} dtype {entry.get('dtype')!r} is not one of {_ARRAY_DTYPES[key]}"
-        if not count(entry.get("length")) or not count(entry.get("bytes")) or not isinstance(entry.get("xxh3_128"), str):
+        if (
+            not count(entry.get("length"))
+            or not count(entry.get("bytes"))
+            or not isinstance(entry.get("xxh3_128"), str)
+        ):
             return f"file entry {key!r} lacks a length, size or checksum"
     if any(files[k]["dtype"] != token_dtype(tok["vocab_size"]).name for k in ("tokens", "first_tokens") if k in files):
         return "the token dtype does not match the vocabulary size"
@@ -483,7 +506,9 @@ def open_store(path: str | os.PathLike, *, verify: bool = False) -> Store:
         except (ValueError, OSError) as exc:
             raise StoreError(f"{file}: unreadable array: {exc}") from None
         if arr.dtype.name != entry["dtype"] or arr.shape != (entry["length"],):
-            raise StoreError(f"{file}: holds {arr.dtype}{arr.shape}, the manifest says {entry['dtype']}[{entry['length']}]")
+            raise StoreError(
+                f"{file}: holds {arr.dtype}{arr.shape}, the manifest says {entry['dtype']}[{entry['length']}]"
+            )
         arrays[key] = arr
     pairs = [("tokens", "loss_mask", "doc_offsets")]
     if "first_tokens" in arrays:
@@ -498,8 +523,9 @@ def open_store(path: str | os.PathLike, *, verify: bool = False) -> Store:
         _check_offsets(root, arrays[offsets_key], len(tokens))
         for lo in range(0, len(tokens) if verify else 0, 1 << 24):
             if int(tokens[lo : lo + (1 << 24)].max()) >= vocab:
-                raise StoreError(f"{root / ALL_ARRAYS[tokens_key]}: holds a token id outside the vocabulary "
-                                 f"(size {vocab})")
+                raise StoreError(
+                    f"{root / ALL_ARRAYS[tokens_key]}: holds a token id outside the vocabulary (size {vocab})"
+                )
     return Store(root, manifest, **arrays)
 
 

@@ -156,7 +156,7 @@ def _conversation(record: Record, key: str, role_key: str, text_key: str, roles:
             raise record.error(f"{key}[{i}].{role_key} is {role!r}; valid roles: {', '.join(roles)}")
         if not isinstance(text, str):
             raise record.error(f"{key}[{i}].{text_key} must be a string, got {_type(text)}")
-        turns.append((roles[role], text))
+        turns.append((roles[str(role)], text))
     if not any(role == "assistant" for role, _ in turns):
         raise record.error(f"field {key!r} has no assistant turn: nothing to train on")
     return turns

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
+from typing import cast
 
 import numpy as np
 
@@ -74,7 +75,10 @@ def encode_documents(
     split = tok.special_split
 
     def add(kind: int, value: int, start: int, end: int) -> None:
-        kinds.append(kind), values.append(value), starts.append(start), ends.append(end)
+        kinds.append(kind)
+        values.append(value)
+        starts.append(start)
+        ends.append(end)
 
     longest = max(map(len, special_ids), default=0)
     strips = tok.special_strips
@@ -199,14 +203,17 @@ def _encode_plain(tok: Tokenizer, docs: Sequence[Rendered], train_on_prompt: boo
     if tok.eos_id is not None:
         starts[:, -1] = lengths
     ends = np.full(n * k, -1, dtype=np.int64)
-    mask = _mask(tok, docs, enc, kind, value.ravel(), starts.ravel(), ends, item_len.ravel(), np.repeat(np.arange(n), k))
+    mask = _mask(
+        tok, docs, enc, kind, value.ravel(), starts.ravel(), ends, item_len.ravel(), np.repeat(np.arange(n), k)
+    )
     return EncodedBatch(tokens, mask, unit_lengths, 0)
 
 
 def _token_starts(enc: Encoded) -> np.ndarray:
     """Each token's start inside its text: the previous token's end, 0 for a text's first."""
-    starts = np.empty_like(enc.ends)
-    starts[1:] = enc.ends[:-1]
+    ends = cast(np.ndarray, enc.ends)  # encoded with positions=True
+    starts = np.empty_like(ends)
+    starts[1:] = ends[:-1]
     starts[enc.offsets[:-1][np.diff(enc.offsets) > 0]] = 0
     return starts
 
@@ -217,7 +224,7 @@ def _single_span_mask(tok: Tokenizer, docs: Sequence[Rendered], enc: Encoded) ->
     n = len(docs)
     seg_lens = np.diff(enc.offsets)
     starts = _token_starts(enc)
-    ends = np.maximum(enc.ends, starts + 1)  # zero-width tokens attach to the next character
+    ends = np.maximum(cast(np.ndarray, enc.ends), starts + 1)  # zero-width tokens attach to the next character
     lo = np.zeros(n, dtype=np.int64)
     hi = np.zeros(n, dtype=np.int64)
     to_bytes = tok.unit == "byte"
@@ -263,8 +270,17 @@ def _concat(a: Encoded, b: Encoded) -> Encoded:
     return Encoded(np.concatenate([a.ids, b.ids]), np.concatenate([a.offsets, b.offsets[1:] + a.offsets[-1]]), ends)
 
 
-def _mask(tok: Tokenizer, docs: Sequence[Rendered], enc: Encoded, kind: np.ndarray, value: np.ndarray,
-          starts: Sequence[int], ends: Sequence[int], item_len: np.ndarray, doc_of_item: np.ndarray) -> np.ndarray:
+def _mask(
+    tok: Tokenizer,
+    docs: Sequence[Rendered],
+    enc: Encoded,
+    kind: np.ndarray,
+    value: np.ndarray,
+    starts: Sequence[int] | np.ndarray,
+    ends: Sequence[int] | np.ndarray,
+    item_len: np.ndarray,
+    doc_of_item: np.ndarray,
+) -> np.ndarray:
     """1 for tokens overlapping a trained span of their document, computed for the whole
     batch at once in one coordinate system: the documents' texts joined by one separator."""
     n_docs = len(docs)
@@ -276,12 +292,14 @@ def _mask(tok: Tokenizer, docs: Sequence[Rendered], enc: Encoded, kind: np.ndarr
     end_arr = np.asarray(ends, dtype=np.int64)
     item_base = char_base[:-1][doc_of_item]
     n_spans, n_items = len(spans), len(start_arr)
-    positions = np.concatenate([
-        spans[:, 0] + char_base[:-1][span_doc],
-        spans[:, 1] + char_base[:-1][span_doc],
-        start_arr + item_base,
-        np.where(end_arr >= 0, end_arr, start_arr) + item_base,
-    ])
+    positions = np.concatenate(
+        [
+            spans[:, 0] + char_base[:-1][span_doc],
+            spans[:, 1] + char_base[:-1][span_doc],
+            start_arr + item_base,
+            np.where(end_arr >= 0, end_arr, start_arr) + item_base,
+        ]
+    )
     if tok.unit == "byte":
         positions = _utf8_offsets("\0".join(d.text for d in docs), positions)
     span_lo, span_hi = positions[:n_spans], positions[n_spans : 2 * n_spans]

@@ -73,8 +73,9 @@ class Tokenizer(ABC):
     def encode(self, texts: Sequence[str], *, positions: bool = False) -> Encoded:
         """Encode plain texts (special-token strings are text here, never parsed)."""
 
-    def encode_in_context(self, texts: Sequence[str], first: bool, *, positions: bool = False,
-                          as_text: Sequence[bool] | None = None) -> Encoded:
+    def encode_in_context(
+        self, texts: Sequence[str], first: bool, *, positions: bool = False, as_text: Sequence[bool] | None = None
+    ) -> Encoded:
         """Encode whole documents exactly as inside the joined stream (specials parsed, or
         kept as text where `as_text`): each as if preceded by the EOS+BOS delimiter, or at
         the stream start if `first`."""
@@ -111,8 +112,15 @@ class Tokenizer(ABC):
 class QuicktokTokenizer(Tokenizer):
     """quicktok: exact byte-level BPE, batched on native threads (the fast path)."""
 
-    def __init__(self, encoding: Any, *, bos_token: str | None = None, eos_token: str | None = None,
-                 chat_template: str | None = None, threads: int = 0) -> None:
+    def __init__(
+        self,
+        encoding: Any,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        chat_template: str | None = None,
+        threads: int = 0,
+    ) -> None:
         import quicktok
 
         if isinstance(encoding, str):
@@ -203,7 +211,8 @@ class HFTokenizer(Tokenizer):
             if getattr(added, "special", False):
                 self.special_tokens[str(added)] = int(token_id)
         self.special_strips = {
-            str(a): (bool(a.lstrip), bool(a.rstrip)) for a in decoder.values()
+            str(a): (bool(a.lstrip), bool(a.rstrip))
+            for a in decoder.values()
             if str(a) in self.special_tokens and (getattr(a, "lstrip", False) or getattr(a, "rstrip", False))
         }
         self.chat_template = getattr(tokenizer, "chat_template", None)
@@ -237,12 +246,16 @@ class HFTokenizer(Tokenizer):
     def encode(self, texts: Sequence[str], *, positions: bool = False) -> Encoded:
         if self._backend is None:
             raise TokenizerError("per-piece encoding needs a fast (tokenizers-backed) tokenizer")
-        encodings = self._plain.encode_batch_fast(list(texts), add_special_tokens=False) if not positions \
+        encodings = (
+            self._plain.encode_batch_fast(list(texts), add_special_tokens=False)
+            if not positions
             else self._plain.encode_batch(list(texts), add_special_tokens=False)
+        )
         return _pack_encodings([e.ids for e in encodings], [e.offsets for e in encodings] if positions else None, 0)
 
-    def encode_in_context(self, texts: Sequence[str], first: bool, *, positions: bool = False,
-                          as_text: Sequence[bool] | None = None) -> Encoded:
+    def encode_in_context(
+        self, texts: Sequence[str], first: bool, *, positions: bool = False, as_text: Sequence[bool] | None = None
+    ) -> Encoded:
         plain = [i for i, flag in enumerate(as_text or ()) if flag]
         if (positions or plain) and self._backend is None:
             raise ConfigError(
@@ -257,7 +270,7 @@ class HFTokenizer(Tokenizer):
             skip = 0 if first else len(self.delimiter)
             full = [prefix + texts[i] for i in parsed]
             if positions:
-                encodings = self._backend.encode_batch(full, add_special_tokens=False)
+                encodings = self._backend.encode_batch(full, add_special_tokens=False)  # type: ignore[union-attr]
                 lists = [list(e.ids) for e in encodings]
                 for i, e in zip(parsed, encodings):
                     offs[i] = [(a - len(prefix), b - len(prefix)) for a, b in e.offsets[skip:]]
@@ -285,7 +298,8 @@ class HFTokenizer(Tokenizer):
         while any(marker in t for t in texts):  # the marker must not occur in the text itself
             marker += "\ue000"
         if self._marked is None or self._marked[0] != marker:
-            from tokenizers import AddedToken, Tokenizer as RawTokenizer
+            from tokenizers import AddedToken
+            from tokenizers import Tokenizer as RawTokenizer
 
             raw = RawTokenizer.from_str(self.json)
             raw.encode_special_tokens = True
@@ -325,8 +339,9 @@ class HFTokenizer(Tokenizer):
         return h.hexdigest()
 
 
-def _pack_encodings(id_lists: Sequence[Sequence[int]], offsets: Sequence[Sequence[tuple[int, int]]] | None,
-                    shift: int) -> Encoded:
+def _pack_encodings(
+    id_lists: Sequence[Sequence[int]], offsets: Sequence[Sequence[tuple[int, int]]] | None, shift: int
+) -> Encoded:
     lengths = np.fromiter((len(ids) for ids in id_lists), dtype=np.int64, count=len(id_lists))
     bounds = np.zeros(len(id_lists) + 1, dtype=np.int64)
     np.cumsum(lengths, out=bounds[1:])
@@ -349,8 +364,20 @@ class AcceleratedTokenizer(Tokenizer):
 
     def __init__(self, hf: HFTokenizer, fast: QuicktokTokenizer) -> None:
         self.hf, self.fast = hf, fast
-        for attr in ("name", "bos_token", "eos_token", "bos_id", "eos_id", "pad_id", "adds_bos", "vocab_size",
-                     "special_tokens", "special_strips", "chat_template", "per_piece_exact"):
+        for attr in (
+            "name",
+            "bos_token",
+            "eos_token",
+            "bos_id",
+            "eos_id",
+            "pad_id",
+            "adds_bos",
+            "vocab_size",
+            "special_tokens",
+            "special_strips",
+            "chat_template",
+            "per_piece_exact",
+        ):
             setattr(self, attr, getattr(hf, attr))
         self.active: Tokenizer = fast
         self.summary = f"{hf.name} (Hugging Face; encoded by quicktok)"
@@ -367,7 +394,9 @@ class AcceleratedTokenizer(Tokenizer):
                 self.active = self.hf
                 self.summary = f"{self.hf.name} (Hugging Face; quicktok differed on the sample, not used)"
             else:
-                self.summary = f"{self.hf.name} (Hugging Face; encoded by quicktok, identical on {len(texts)} sample texts)"
+                self.summary = (
+                    f"{self.hf.name} (Hugging Face; encoded by quicktok, identical on {len(texts)} sample texts)"
+                )
         return self.active is self.fast
 
     def encode(self, texts: Sequence[str], *, positions: bool = False) -> Encoded:
@@ -413,8 +442,10 @@ def _accelerate(hf: HFTokenizer) -> Tokenizer:
     except Exception as exc:  # quicktok refused (unsupported pre-tokenizer, normalizer, ...): keep HF
         hf.summary = f"{hf.name} (Hugging Face; quicktok import refused: {str(exc).splitlines()[0][:80]})"
         return hf
-    if fast.special_tokens != {k: v for k, v in hf.special_tokens.items() if k in fast.special_tokens} or \
-            fast.vocab_size > hf.vocab_size:
+    if (
+        fast.special_tokens != {k: v for k, v in hf.special_tokens.items() if k in fast.special_tokens}
+        or fast.vocab_size > hf.vocab_size
+    ):
         hf.summary = f"{hf.name} (Hugging Face; quicktok's special tokens differ, not used)"
         return hf
     return AcceleratedTokenizer(hf, fast)
@@ -477,8 +508,10 @@ def _load_hf(path: str) -> Any:
             f"({', '.join(_BUNDLED)}), a tokenizer directory or a tokenizer.json"
         ) from None
     added = {t.content for t in tok.added_tokens_decoder.values()}
-    for attr, names in (("eos_token", ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|im_end|>")),
-                        ("bos_token", ("<|begin_of_text|>", "<s>", "<bos>"))):
+    for attr, names in (
+        ("eos_token", ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|im_end|>")),
+        ("bos_token", ("<|begin_of_text|>", "<s>", "<bos>")),
+    ):
         for name in names:
             if name in added:
                 setattr(tok, attr, name)

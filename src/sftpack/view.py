@@ -78,9 +78,9 @@ class View:
 
     def _plan_concat(self, lengths: np.ndarray, options: BuildOptions) -> tuple[ConcatPlan, int]:
         n = len(lengths)
-        seed = int(options.seed) if options.shuffle else None
-        if seed is None and options.shuffle:
+        if options.shuffle and options.seed is None:
             raise ConfigError("a shuffled concat plan needs a seed")
+        seed = int(options.seed) if options.shuffle and options.seed is not None else None
         order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
         stream = lengths.copy()
         first = int(order[0]) if n else -1
@@ -112,8 +112,10 @@ class View:
             tokens, mask = self.store.tokens[start:stop], self.store.loss_mask[start:stop]
         else:
             pieces = plan.row(index)
-            parts = [self._read(d, a, n) for d, a, n in zip(pieces.doc.tolist(), pieces.start.tolist(),
-                                                            pieces.length.tolist())]
+            parts = [
+                self._read(d, a, n)
+                for d, a, n in zip(pieces.doc.tolist(), pieces.start.tolist(), pieces.length.tolist())
+            ]
             tokens = np.concatenate([p[0] for p in parts])
             mask = np.concatenate([p[1] for p in parts])
         if isinstance(plan, ConcatPlan):
@@ -176,8 +178,10 @@ class View:
         order = self.plan.order if self.plan.order is not None else np.arange(n)
         lengths = np.diff(self.plan.offsets)
         parts = [self._read(int(d), 0, int(n)) for d, n in zip(order, lengths)]
-        return (np.concatenate([np.asarray(p[0], np.int64) for p in parts]),
-                np.concatenate([np.asarray(p[1]) for p in parts]))
+        return (
+            np.concatenate([np.asarray(p[0], np.int64) for p in parts]),
+            np.concatenate([np.asarray(p[1]) for p in parts]),
+        )
 
     def supervision(self) -> tuple[int, int]:
         """(supervised labels in all rows, rows without any): one pass over the rows."""
@@ -188,7 +192,7 @@ class View:
             for r in range(0, rows, step):
                 r_end = min(rows, r + step)
                 # read, not mapped: every mapped page counts in RSS while the map lives
-                labels = np.fromfile(mask.filename, np.uint8, (r_end - r) * L, offset=mask.offset + r * L + 1)
+                labels = np.fromfile(mask.filename, np.uint8, (r_end - r) * L, offset=mask.offset + r * L + 1)  # type: ignore[attr-defined]
                 per_row = labels.reshape(r_end - r, L).sum(axis=1, dtype=np.int64)
                 total += int(per_row.sum())
                 empty += int((per_row == 0).sum())

@@ -13,17 +13,17 @@ and `lost` (the ranges in no row).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .base import OVERFLOWS, AccountingError, Plan, PlanError, PlanStats, PrefixCounter, Ranges
 from .bfd import best_fit, plan_bfd
 from .concat import ConcatPlan, plan_concat, row_pieces, span_pieces, stream_offsets
 
 #: strategy name -> planner(lengths, seq_length, **options)
-STRATEGIES: dict[str, Callable[..., "Plan | ConcatPlan"]] = {"concat": plan_concat, "bfd": plan_bfd}
+STRATEGIES: dict[str, Callable[..., Plan | ConcatPlan]] = {"concat": plan_concat, "bfd": plan_bfd}
 
 
-def make_plan(strategy: str, lengths, seq_length: int, **options) -> "Plan | ConcatPlan":
+def make_plan(strategy: str, lengths, seq_length: int, **options) -> Plan | ConcatPlan:
     """Plan with the named strategy (`STRATEGIES`); options go to its planner."""
     try:
         planner = STRATEGIES[strategy]
@@ -33,6 +33,20 @@ def make_plan(strategy: str, lengths, seq_length: int, **options) -> "Plan | Con
 
 
 __all__ = [
-    "AccountingError", "ConcatPlan", "OVERFLOWS", "Plan", "PlanError", "PlanStats", "PrefixCounter", "Ranges",
-    "STRATEGIES", "best_fit", "make_plan", "plan_bfd", "plan_concat", "row_pieces", "span_pieces", "stream_offsets",
+    "AccountingError",
+    "ConcatPlan",
+    "OVERFLOWS",
+    "Plan",
+    "PlanError",
+    "PlanStats",
+    "PrefixCounter",
+    "Ranges",
+    "STRATEGIES",
+    "best_fit",
+    "make_plan",
+    "plan_bfd",
+    "plan_concat",
+    "row_pieces",
+    "span_pieces",
+    "stream_offsets",
 ]

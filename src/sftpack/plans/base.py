@@ -7,8 +7,8 @@ Everything here is pure numpy: no I/O, no torch. Offsets, counts and indices are
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -57,11 +57,11 @@ class Ranges:
     def tokens(self) -> int:
         return int(self.length.sum())
 
-    def equals(self, other: "Ranges") -> bool:
+    def equals(self, other: Ranges) -> bool:
         return all(np.array_equal(getattr(self, k), getattr(other, k)) for k in ("doc", "start", "length"))
 
     @staticmethod
-    def empty() -> "Ranges":
+    def empty() -> Ranges:
         z = np.zeros(0, np.int64)
         return Ranges(z, z, z)
 
@@ -90,8 +90,8 @@ class PlanStats:
     tokens_in: int
     tokens_packed: int
     tokens_lost: int
-    supervised_in: Optional[int] = None
-    supervised_lost: Optional[int] = None
+    supervised_in: int | None = None
+    supervised_lost: int | None = None
 
     @property
     def capacity(self) -> int:
@@ -112,15 +112,19 @@ class PlanStats:
         """`ceil(tokens_packed / seq_length)`: no plan of these tokens has fewer rows."""
         return -(-self.tokens_packed // self.seq_length)
 
-    def check(self) -> "PlanStats":
+    def check(self) -> PlanStats:
         """Raise `AccountingError` unless the counts add up; return self."""
         problems = []
         if self.documents_in != self.documents_packed + self.documents_dropped:
-            problems.append(f"documents in {self.documents_in} != packed {self.documents_packed} "
-                            f"+ dropped {self.documents_dropped}")
+            problems.append(
+                f"documents in {self.documents_in} != packed {self.documents_packed} + dropped {self.documents_dropped}"
+            )
         if self.tokens_in != self.tokens_packed + self.tokens_lost:
             problems.append(f"tokens in {self.tokens_in} != packed {self.tokens_packed} + lost {self.tokens_lost}")
-        if not (0 <= self.documents_split <= self.documents_packed and 0 <= self.documents_truncated <= self.documents_packed):
+        if not (
+            0 <= self.documents_split <= self.documents_packed
+            and 0 <= self.documents_truncated <= self.documents_packed
+        ):
             problems.append("split/truncated documents must be packed documents")
         if not 0 <= self.documents_empty <= self.documents_dropped:
             problems.append("empty documents must be counted among the dropped")
@@ -168,9 +172,11 @@ class Plan:
         return len(self.row_offsets) - 1
 
     def __repr__(self) -> str:
-        return (f"Plan(strategy={self.strategy!r}, overflow={self.overflow!r}, seq_length={self.seq_length}, "
-                f"rows={self.rows}, pieces={len(self.doc)}, lost={len(self.lost)}, "
-                f"efficiency={self.stats.efficiency:.4f})")
+        return (
+            f"Plan(strategy={self.strategy!r}, overflow={self.overflow!r}, seq_length={self.seq_length}, "
+            f"rows={self.rows}, pieces={len(self.doc)}, lost={len(self.lost)}, "
+            f"efficiency={self.stats.efficiency:.4f})"
+        )
 
     def __len__(self) -> int:
         return self.rows
@@ -192,13 +198,18 @@ class Plan:
         """Absolute store position of every piece, given the store's `doc_offsets`."""
         return np.asarray(doc_offsets, dtype=np.int64)[self.doc] + self.start
 
-    def equals(self, other: "Plan") -> bool:
+    def equals(self, other: Plan) -> bool:
         """Same rows, pieces, lost ranges and stats."""
-        return (self.seq_length == other.seq_length and self.strategy == other.strategy
-                and self.overflow == other.overflow and self.window == other.window
-                and self.stats == other.stats and np.array_equal(self.row_offsets, other.row_offsets)
-                and Ranges(self.doc, self.start, self.length).equals(Ranges(other.doc, other.start, other.length))
-                and self.lost.equals(other.lost))
+        return (
+            self.seq_length == other.seq_length
+            and self.strategy == other.strategy
+            and self.overflow == other.overflow
+            and self.window == other.window
+            and self.stats == other.stats
+            and np.array_equal(self.row_offsets, other.row_offsets)
+            and Ranges(self.doc, self.start, self.length).equals(Ranges(other.doc, other.start, other.length))
+            and self.lost.equals(other.lost)
+        )
 
 
 # --------------------------------------------------------------------------- helpers for strategies
@@ -221,8 +232,9 @@ def as_lengths(lengths: np.ndarray, seq_length: int) -> np.ndarray:
     return a
 
 
-def supervised_lost(lost: Ranges, lengths: np.ndarray, supervised: Optional[np.ndarray],
-                    supervised_prefix: Optional[PrefixCounter]) -> tuple[Optional[int], Optional[int]]:
+def supervised_lost(
+    lost: Ranges, lengths: np.ndarray, supervised: np.ndarray | None, supervised_prefix: PrefixCounter | None
+) -> tuple[int | None, int | None]:
     """(supervised tokens in, supervised tokens in the `lost` ranges), or None where unknown.
 
     Whole lost documents use the per-document counts; a partly lost document needs
@@ -242,7 +254,7 @@ def supervised_lost(lost: Ranges, lengths: np.ndarray, supervised: Optional[np.n
     doc, a, n = lost.doc, lost.start, lost.length
     b = a + n
 
-    def prefix(at: np.ndarray) -> Optional[np.ndarray]:
+    def prefix(at: np.ndarray) -> np.ndarray | None:
         full = lengths[doc]
         out = np.where(at >= full, s[doc], 0)
         inner = (at > 0) & (at < full)
@@ -250,7 +262,11 @@ def supervised_lost(lost: Ranges, lengths: np.ndarray, supervised: Optional[np.n
             if supervised_prefix is None:
                 return None
             got = np.asarray(supervised_prefix(doc[inner], at[inner]), dtype=np.int64).reshape(-1)
-            if got.shape != (int(inner.sum()),) or (got < 0).any() or (got > np.minimum(at[inner], s[doc[inner]])).any():
+            if (
+                got.shape != (int(inner.sum()),)
+                or (got < 0).any()
+                or (got > np.minimum(at[inner], s[doc[inner]])).any()
+            ):
                 raise PlanError("supervised_prefix returned counts outside 0..min(n, supervised)")
             out[inner] = got
         return out

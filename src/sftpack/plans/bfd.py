@@ -23,7 +23,6 @@ sequence in `cu_seqlens`); they are counted as dropped and empty.
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional
 
 import numpy as np
 
@@ -74,7 +73,7 @@ class _Buckets:
             del self.fifo[capacity]
         return got[0] if len(got) == 1 else np.concatenate(got)
 
-    def at_least(self, l: int):
+    def at_least(self, l: int):  # noqa: E741  (l: a length, as in the papers)
         """Non-empty capacities in [l, L), increasing, found lazily block by block. Safe while
         the caller empties the buckets it is given and pushes only below l."""
         shift, L = self.SHIFT, self.L
@@ -98,7 +97,7 @@ def best_fit(counts: np.ndarray, seq_length: int) -> tuple[np.ndarray, int]:
     row = np.empty(int(counts.sum()), np.int64)
     buckets = _Buckets(L)
     n_rows = pos = 0
-    for l in (np.flatnonzero(counts[1:])[::-1] + 1).tolist():
+    for l in (np.flatnonzero(counts[1:])[::-1] + 1).tolist():  # noqa: E741
         k = int(counts[l])
         out, w = row[pos : pos + k], 0
         if l < L:
@@ -171,9 +170,14 @@ def _decreasing(length: np.ndarray, L: int) -> np.ndarray:
     return np.argsort(key, kind="stable")
 
 
-def plan_bfd(lengths: np.ndarray, seq_length: int, *, overflow: str = "split",
-             supervised: Optional[np.ndarray] = None,
-             supervised_prefix: Optional[PrefixCounter] = None) -> Plan:
+def plan_bfd(
+    lengths: np.ndarray,
+    seq_length: int,
+    *,
+    overflow: str = "split",
+    supervised: np.ndarray | None = None,
+    supervised_prefix: PrefixCounter | None = None,
+) -> Plan:
     """Pack documents of `lengths` tokens into rows of at most `seq_length` tokens, best fit decreasing.
 
     `overflow` for documents longer than `seq_length`: "split" (pieces of seq_length
@@ -196,8 +200,11 @@ def plan_bfd(lengths: np.ndarray, seq_length: int, *, overflow: str = "split",
     items, lost = _items(lengths, L, overflow)
     if not len(items):
         empty = int((lengths == 0).sum())
-        why = ("every document is empty" if empty == n else
-               f"every non-empty document is longer than seq_length {L} and overflow='drop'")
+        why = (
+            "every document is empty"
+            if empty == n
+            else f"every non-empty document is longer than seq_length {L} and overflow='drop'"
+        )
         raise PlanError(f"nothing to pack: {why}")
 
     counts = np.bincount(items.length, minlength=L + 1)
@@ -218,11 +225,18 @@ def plan_bfd(lengths: np.ndarray, seq_length: int, *, overflow: str = "split",
     packed = int((nonempty & ~over).sum()) + (0 if overflow == "drop" else int(over.sum()))
     sup_in, sup_lost = supervised_lost(lost, lengths, supervised, supervised_prefix)
     stats = PlanStats(
-        seq_length=L, rows=n_rows, documents_in=n, documents_packed=packed, documents_dropped=n - packed,
+        seq_length=L,
+        rows=n_rows,
+        documents_in=n,
+        documents_packed=packed,
+        documents_dropped=n - packed,
         documents_split=int(over.sum()) if overflow == "split" else 0,
         documents_truncated=int(over.sum()) if overflow == "truncate" else 0,
         documents_empty=n - int(nonempty.sum()),
-        tokens_in=int(lengths.sum()), tokens_packed=int(length.sum()), tokens_lost=lost.tokens(),
-        supervised_in=sup_in, supervised_lost=sup_lost,
+        tokens_in=int(lengths.sum()),
+        tokens_packed=int(length.sum()),
+        tokens_lost=lost.tokens(),
+        supervised_in=sup_in,
+        supervised_lost=sup_lost,
     ).check()
     return Plan(L, "bfd", overflow, L, doc, start, length, row_offsets, stats, lost)

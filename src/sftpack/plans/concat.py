@@ -11,7 +11,6 @@ offsets. Memory: 16 bytes per document (order and offsets, int64).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -19,7 +18,7 @@ from ..pack import dropped_tail, num_rows, row_span
 from .base import Plan, PlanError, PlanStats, PrefixCounter, Ranges, as_lengths, supervised_lost
 
 
-def stream_offsets(lengths: np.ndarray, order: Optional[np.ndarray] = None) -> np.ndarray:
+def stream_offsets(lengths: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
     """Start of every document in the stream, then N (int64, n + 1 entries); `order[j]` is
     the stored document at stream place j (None: stored order)."""
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -28,7 +27,7 @@ def stream_offsets(lengths: np.ndarray, order: Optional[np.ndarray] = None) -> n
     return out
 
 
-def span_pieces(offsets: np.ndarray, order: Optional[np.ndarray], start: int, stop: int) -> Ranges:
+def span_pieces(offsets: np.ndarray, order: np.ndarray | None, start: int, stop: int) -> Ranges:
     """The stored pieces `(doc, start, length)` that make stream positions `[start, stop)`, in
     stream order; empty documents give no piece."""
     n_tokens = int(offsets[-1])
@@ -45,7 +44,7 @@ def span_pieces(offsets: np.ndarray, order: Optional[np.ndarray], start: int, st
     return Ranges(docs, a - offsets[places], b - a)
 
 
-def row_pieces(offsets: np.ndarray, order: Optional[np.ndarray], index: int, seq_length: int) -> Ranges:
+def row_pieces(offsets: np.ndarray, order: np.ndarray | None, index: int, seq_length: int) -> Ranges:
     """Pieces of concat row `index`: the L + 1 stream tokens of `sftpack.pack.row_span`."""
     start, stop = row_span(index, seq_length)
     return span_pieces(offsets, order, start, stop)
@@ -61,7 +60,7 @@ class ConcatPlan:
 
     seq_length: int
     offsets: np.ndarray
-    order: Optional[np.ndarray]
+    order: np.ndarray | None
     stats: PlanStats
     lost: Ranges
     strategy: str = "concat"
@@ -105,13 +104,28 @@ class ConcatPlan:
         row_offsets = np.zeros(R + 1, np.int64)
         np.cumsum(np.bincount(row, minlength=R), out=row_offsets[1:])
         docs = place if self.order is None else self.order[place]
-        return Plan(L, self.strategy, self.overflow, L + 1, docs, a - self.offsets[place], b - a,
-                    row_offsets, self.stats, self.lost)
+        return Plan(
+            L,
+            self.strategy,
+            self.overflow,
+            L + 1,
+            docs,
+            a - self.offsets[place],
+            b - a,
+            row_offsets,
+            self.stats,
+            self.lost,
+        )
 
 
-def plan_concat(lengths: np.ndarray, seq_length: int, *, seed: Optional[int] = None,
-                supervised: Optional[np.ndarray] = None,
-                supervised_prefix: Optional[PrefixCounter] = None) -> ConcatPlan:
+def plan_concat(
+    lengths: np.ndarray,
+    seq_length: int,
+    *,
+    seed: int | None = None,
+    supervised: np.ndarray | None = None,
+    supervised_prefix: PrefixCounter | None = None,
+) -> ConcatPlan:
     """Concat-and-chunk over documents of `lengths` tokens (stored order, or shuffled with
     `np.random.default_rng(seed).permutation(n)` when `seed` is given).
 
@@ -124,8 +138,10 @@ def plan_concat(lengths: np.ndarray, seq_length: int, *, seed: Optional[int] = N
     N = int(offsets[-1])
     R = num_rows(N, L)
     if R == 0:
-        raise PlanError(f"{n} documents of {N} tokens in all are too few for one row of seq_length {L} "
-                        f"(a concat row needs seq_length + 1 tokens)")
+        raise PlanError(
+            f"{n} documents of {N} tokens in all are too few for one row of seq_length {L} "
+            f"(a concat row needs seq_length + 1 tokens)"
+        )
     cut = R * L  # inputs end here; [cut, N) is the tail
     a, b = offsets[:-1], offsets[1:]
     nonempty = b > a
@@ -141,11 +157,19 @@ def plan_concat(lengths: np.ndarray, seq_length: int, *, seed: Optional[int] = N
     lost = Ranges(docs, ls - a[places], b[places] - ls)
     sup_in, sup_lost = supervised_lost(lost, lengths, supervised, supervised_prefix)
     stats = PlanStats(
-        seq_length=L, rows=R, documents_in=n, documents_packed=int(packed.sum()),
-        documents_dropped=n - int(packed.sum()), documents_split=int(split.sum()),
-        documents_truncated=int(truncated.sum()), documents_empty=int((~nonempty).sum()),
-        tokens_in=N, tokens_packed=cut, tokens_lost=dropped_tail(N, L),
-        supervised_in=sup_in, supervised_lost=sup_lost,
+        seq_length=L,
+        rows=R,
+        documents_in=n,
+        documents_packed=int(packed.sum()),
+        documents_dropped=n - int(packed.sum()),
+        documents_split=int(split.sum()),
+        documents_truncated=int(truncated.sum()),
+        documents_empty=int((~nonempty).sum()),
+        tokens_in=N,
+        tokens_packed=cut,
+        tokens_lost=dropped_tail(N, L),
+        supervised_in=sup_in,
+        supervised_lost=sup_lost,
     ).check()
     offsets.flags.writeable = False
     if order is not None:
