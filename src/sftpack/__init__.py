@@ -18,7 +18,7 @@ _LAZY = {
     "iterate_batches": "loader",
     "collate": "loader",
     "collate_flattened": "loader",
-    "BuildOptions": "build",
+    "BuildOptions": "config",
     "BuildSummary": "build",
     "load_tokenizer": "tokenizers",
     "verify_store": "store",
