@@ -565,3 +565,130 @@ def test_input_changed_between_fingerprint_and_read_is_refused(tmp_path, llama3,
     with pytest.raises(InputError, match="changed while it was read"):
         build(data, tmp_path / "store", OPTIONS, llama3, progress=False)
     assert not (tmp_path / "store").exists()
+
+
+# --------------------------------------------------------------------------- found by attacking the fixes
+
+
+def test_open_while_the_store_is_replaced_never_mixes_two_builds(tmp_path, llama3, monkeypatch):
+    """The manifest and arrays are opened one by one: a store renamed into place meanwhile
+    must not give the manifest of one build with the arrays of another."""
+    data = _jsonl(tmp_path / "data.jsonl", _rows(30))
+    target = tmp_path / "store"
+    build(data, target, OPTIONS, llama3, progress=False)
+    other = tmp_path / "other"
+    build(_jsonl(tmp_path / "more.jsonl", _rows(45, "x")), other, OPTIONS, llama3, progress=False)
+    real_load, swapped = np.load, {"done": False}
+
+    def load_then_swap(file, *args, **kwargs):
+        out = real_load(file, *args, **kwargs)
+        if not swapped["done"]:  # a build commits right after the reader mapped its first array
+            swapped["done"] = True
+            os.replace(target, tmp_path / "gone")
+            os.replace(other, target)
+        return out
+
+    monkeypatch.setattr(sftpack.store.np, "load", load_then_swap)
+    store = open_store(target)
+    assert swapped["done"]
+    assert store.fingerprint == read_manifest(target)["fingerprint"]
+    assert len(store.tokens) == read_manifest(target)["counts"]["tokens"]  # all from the new build
+
+
+def test_a_directory_named_like_a_store_file_is_not_owned(store, llama3):
+    data = store.parent / "data.jsonl"
+    (store / "first_tokens.npy").mkdir()
+    (store / "first_tokens.npy" / "thesis.tex").write_text("precious")
+    with pytest.raises(StoreError, match="not an sftpack store"):
+        build(data, store, OTHER, llama3, progress=False)
+    assert (store / "first_tokens.npy" / "thesis.tex").read_text() == "precious"
+
+
+def test_manifest_symlink_and_repeated_offsets_are_refused(store, tmp_path):
+    off = _offsets(store)
+    off[2] = off[1]  # a zero-length document: no build makes one (every unit holds its EOS)
+    _edit(store, doc_offsets=off)
+    with pytest.raises(StoreError, match="offsets"):
+        open_packed(store)
+    outside = tmp_path / "elsewhere.json"
+    shutil.move(store / MANIFEST, outside)
+    (store / MANIFEST).symlink_to(outside)
+    with pytest.raises(StoreError, match="not a regular file"):
+        open_packed(store)
+
+
+def test_out_that_is_the_current_directory_is_refused(tmp_path, llama3, monkeypatch):
+    data = _jsonl(tmp_path / "data.jsonl", _rows(30))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    with pytest.raises(StoreError, match="current directory"):
+        build(data, ".", OPTIONS, llama3, progress=False)
+    assert empty.is_dir() and Path.cwd() == empty
+
+
+def test_read_only_store_and_cache_are_still_served(tmp_path, llama3, monkeypatch):
+    data = _jsonl(tmp_path / "data.jsonl", _rows(30))
+    build(data, tmp_path / "ro" / "store", OPTIONS, llama3, progress=False)
+    PackedSFTDataset("llama3", data, 16, cache_dir=tmp_path / "ro" / "cache")
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).endswith(".lock") and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(sftpack.store.os, "open", read_only)
+    assert build(data, tmp_path / "ro" / "store", OPTIONS, llama3, progress=False).reused
+    assert PackedSFTDataset("llama3", data, 16, cache_dir=tmp_path / "ro" / "cache").summary.reused
+    with pytest.raises(StoreError, match="cannot be written"):
+        build(data, tmp_path / "ro" / "store", OTHER, llama3, progress=False)
+
+
+def test_a_killed_cache_build_is_swept_by_the_next_build_of_any_entry(tmp_path):
+    data = _jsonl(tmp_path / "data.jsonl", _rows(30))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale_tmp = cache / ".0123abcd.tmp-999999-deadbeef"  # another entry's build, killed by the OOM killer
+    stale_tmp.mkdir()
+    (stale_tmp / "tokens.npy").write_bytes(b"\0" * 4096)
+    (cache / ".0123abcd.lock").write_text("")
+    ds = PackedSFTDataset("llama3", data, 16, cache_dir=cache)
+    assert sorted(p.name for p in cache.iterdir()) == [ds.path.name]
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    data = _big(tmp_path / "big.jsonl", 12_000)
+    out = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "sftpack.cli", "build", str(data), "--out", str(out),
+                             "--seq-length", "64", "--quiet", "--workers", "1"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(n.startswith(".store.tmp-") for n in os.listdir(tmp_path)):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip() == "sftpack: terminated"
+    assert not out.exists() and _litter(out) == []
+
+
+def test_same_size_copy_keeping_the_mtime_is_a_change(tmp_path, llama3, monkeypatch):
+    """`cp -p` / `rsync -t` of other bytes of the same size between the stamp and the hash."""
+    from sftpack.errors import InputError
+    from sftpack.records import RecordReader
+
+    data = _jsonl(tmp_path / "data.jsonl", _rows(30))
+    twin = tmp_path / "twin.jsonl"
+    twin.write_bytes(data.read_bytes().replace(b"Question", b"Qvestion"))
+    stat = data.stat()
+
+    class Replaced(RecordReader):
+        def __init__(self, paths):
+            super().__init__(paths)
+            os.replace(twin, data)
+            os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    monkeypatch.setattr(sftpack.build, "RecordReader", Replaced)
+    with pytest.raises(InputError, match="changed while it was read"):
+        build(data, tmp_path / "store", OPTIONS, llama3, progress=False)

@@ -31,19 +31,21 @@ import xxhash
 
 from . import __version__
 from .config import BuildOptions
-from .errors import ConfigError, SFTPackError
+from .errors import ConfigError, SFTPackError, StoreError
 from .plans import PlanStats
 from .records import Inputs, Record, RecordReader, expand_inputs, fingerprint_inputs
 from .store import (
     MANIFEST,
     NPY_HEADER,
     VERSION,
+    LockUnavailable,
     Store,
     StoreWriter,
     clean_stale,
     open_store,
     prepare_target,
     record_defaults,
+    sweep,
     target_lock,
     token_dtype,
 )
@@ -181,26 +183,30 @@ def build(
     reader = RecordReader(paths)  # records each file's size and mtime: the fingerprint and the read must agree
     fp = fingerprint(reader, tok, template, schema, options)
     if out is None:
+        sweep(Path(cache_dir))  # type: ignore[arg-type]
         out = prepare_target(Path(cache_dir) / fp)  # type: ignore[arg-type]
     out.parent.mkdir(parents=True, exist_ok=True)
-    with target_lock(out, on_wait=lambda: _waiting(out)):
-        clean_stale(out)
-        store = None
-        if not force and (out / MANIFEST).is_file():
-            try:
-                store = open_store(out)  # sizes checked: a damaged store is rebuilt, not reused
-            except SFTPackError:
-                store = None
-            if store is not None and store.fingerprint != fp:
-                store = None
-        reused = store is not None
-        if reused and cache_dir is None and _recorded(store.manifest) != _recorded_of(options):  # type: ignore[union-attr]
-            # the same tokens, opened by default with this build's plan from now on: no re-tokenizing
-            record_defaults(out, **_recorded_of(options))
-            store = open_store(out)
+    try:
+        with target_lock(out, on_wait=lambda: _waiting(out)):
+            clean_stale(out)
+            store = None if force else _up_to_date(out, fp)
+            reused = store is not None
+            if store is not None and cache_dir is None and _recorded(store.manifest) != _recorded_of(options):
+                # the same tokens, opened by default with this build's plan from now on: no re-tokenizing
+                record_defaults(out, **_recorded_of(options))
+                store = open_store(out)
+            if store is None:
+                _write_store(reader, out, fp, tok, schema, template, options, progress)
+                store = open_store(out)
+    except LockUnavailable as exc:
+        # a read-only cache or store: an up-to-date store there is still served, as built
+        store = None if force else _up_to_date(out, fp)
         if store is None:
-            _write_store(reader, out, fp, tok, schema, template, options, progress)
-            store = open_store(out)
+            raise StoreError(
+                f"{exc}; the store there is missing or out of date and the directory cannot be "
+                "written: build it somewhere writable"
+            ) from None
+        reused = True
     summary = summarize(store, options, time.perf_counter() - started, reused=reused)
     if not reused:
         summary.tokenizer = tok.summary or tok.name
@@ -215,6 +221,17 @@ def build(
                 stacklevel=2,
             )
     return summary
+
+
+def _up_to_date(out: Path, fp: str) -> Store | None:
+    """The store at `out` when it is complete, undamaged (sizes checked) and of fingerprint `fp`."""
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        store = open_store(out)
+    except SFTPackError:
+        return None  # damaged: rebuilt, not reused
+    return store if store.fingerprint == fp else None
 
 
 def _recorded_of(options: BuildOptions) -> dict[str, Any]:

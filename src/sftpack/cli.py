@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -102,9 +103,18 @@ def _option_flags(
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command. Every failure is one line on stderr and exit status 1 (2: a usage
     error, from argparse; 130: interrupted); `--debug` shows the traceback instead."""
-    args = _parser().parse_args(argv)
-    debug = getattr(args, "debug", False)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
+        return _main(argv, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None, debug: bool) -> int:
+    try:
+        args = _parser().parse_args(argv)
         code = _run(args)
         sys.stdout.flush()  # a closed pipe shows here, where it is handled
         return code
@@ -116,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
         return 1
+    except _Terminated:
+        print("sftpack: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         if debug:
             raise
@@ -137,6 +150,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         _error(f"{what} (unexpected; rerun with --debug for the traceback)")
         return 1
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, a job scheduler): unwinds like Ctrl-C, so nothing is left behind."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _error(message: str) -> None:

@@ -40,7 +40,11 @@ def collate_flattened(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, tor
     piece can be mistaken for the continuation of another row's last document.
     """
     if "seq_lens" not in items[0]:
-        raise ValueError("collate_flattened needs items with seq_lens: build the dataset with boundaries=True")
+        raise ValueError(
+            "collate_flattened needs items with seq_lens: open the dataset with boundaries=True (or packing='bfd'); "
+            "with Hugging Face's Trainer also pass TrainingArguments(remove_unused_columns=False), which would "
+            "otherwise drop seq_lens before the collator sees it"
+        )
     input_ids, labels, positions = [], [], []
     for item in items:
         lens = item["seq_lens"].numpy().astype(np.int64)

@@ -122,7 +122,10 @@ def _format_of(path: Path, strict: bool = True) -> str | None:
     return None
 
 
-def fingerprint_inputs(paths: Sequence[Path], stamps: Sequence[tuple[int, int]] | None = None) -> str:
+Stamp = tuple[int, int, int, int, int]
+
+
+def fingerprint_inputs(paths: Sequence[Path], stamps: Sequence[Stamp] | None = None) -> str:
     """A hash of the input files' bytes and formats, in order (not their names or mtimes).
     `stamps` (a `RecordReader`'s): the files must still be as the reader found them, so the
     hash describes exactly what the reader reads."""
@@ -149,11 +152,13 @@ def _open(path: Path) -> BinaryIO:
         raise InputError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
 
 
-def _stamp(st: os.stat_result) -> tuple[int, int]:
-    return st.st_size, st.st_mtime_ns
+def _stamp(st: os.stat_result) -> Stamp:
+    """What changes when a file does: size, mtime, and inode/ctime (a same-size copy that
+    keeps the mtime, `cp -p` or `rsync -t`, still gets a new inode or ctime)."""
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns
 
 
-def _check_unchanged(path: Path, before: tuple[int, int], after: tuple[int, int], size: int | None = None) -> None:
+def _check_unchanged(path: Path, before: Stamp, after: Stamp, size: int | None = None) -> None:
     """A file written to while it is read gives a store of neither version (and a fingerprint
     that does not describe it): refuse it."""
     if after != before or (size is not None and size != before[0]):
@@ -169,13 +174,13 @@ class RecordReader:
 
     def __init__(self, paths: Sequence[Path]) -> None:
         self.paths = list(paths)
-        self.stamps: list[tuple[int, int]] = []  # (size, mtime) of each file, checked again after reading
+        self.stamps: list[Stamp] = []  # each file's `_stamp`, checked again after reading
         for path in self.paths:
             try:
                 self.stamps.append(_stamp(path.stat()))
             except OSError as exc:
                 raise InputError(path, None, f"cannot access the file: {exc.strerror or exc}") from None
-        self.total_bytes = sum(size for size, _ in self.stamps)
+        self.total_bytes = sum(stamp[0] for stamp in self.stamps)
         self._done_bytes = 0
         self._raw: BinaryIO | None = None
 

@@ -19,7 +19,9 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -94,6 +96,20 @@ def checksum(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (main thread; elsewhere a no-op)."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -102,14 +118,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class LockUnavailable(StoreError):
+    """The build lock cannot be created (a read-only or foreign directory)."""
+
+
 @contextlib.contextmanager
-def target_lock(target: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+def target_lock(target: Path, on_wait: Callable[[], None] | None = None, *, wait: bool = True) -> Iterator[bool]:
     """Hold an exclusive `flock` on `.NAME.lock` beside `target` for the whole build.
 
     A kernel lock, not a PID: it holds across containers, and across nodes on file systems
     with working locks (NFSv4, Lustre, local disks). Waiters block until the holder is done
-    (`on_wait` is called once first). The holder unlinks the file before unlocking; a waiter
-    that then gets the lock of the unlinked file sees its inode gone and takes a fresh one.
+    (`on_wait` is called once first); with `wait=False` this yields False at once instead.
+    The holder unlinks the file before unlocking; a waiter that then gets the lock of the
+    unlinked file sees its inode gone and takes a fresh one.
     """
     path = target.parent / f".{target.name}.lock"
     waited = False
@@ -117,14 +138,15 @@ def target_lock(target: Path, on_wait: Callable[[], None] | None = None) -> Iter
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise StoreError(
-                f"cannot create the build lock {path}: {exc.strerror}; "
-                f"choose an --out whose parent directory you can write"
-            ) from None
+            raise LockUnavailable(f"cannot create the build lock {path}: {exc.strerror}") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    os.close(fd)
+                    yield False
+                    return
                 if not waited and on_wait is not None:
                     on_wait()
                 waited = True
@@ -140,13 +162,31 @@ def target_lock(target: Path, on_wait: Callable[[], None] | None = None) -> Iter
             break
         os.close(fd)
     try:
-        yield
+        yield True
     finally:
         try:
             os.unlink(path)
         except OSError:
             pass  # already gone (a hand cleanup): the lock itself is released on close
         os.close(fd)
+
+
+def sweep(directory: Path) -> None:
+    """Clean what killed builds left in `directory` (a cache) for any target no build holds:
+    a cache entry whose inputs changed is never built again, so its own next build would
+    never clean it."""
+    names = set()
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        for mark in (".tmp-", ".old-"):
+            if entry.name.startswith(".") and mark in entry.name:
+                names.add(entry.name[1 : entry.name.rindex(mark)])
+    for name in sorted(names):
+        try:
+            with target_lock(directory / name, wait=False) as held:
+                if held:
+                    clean_stale(directory / name)
+        except LockUnavailable:
+            return
 
 
 def clean_stale(target: Path) -> None:
@@ -184,18 +224,15 @@ def _remove_tree(path: Path) -> OSError | None:
 
 def owned_store(path: Path) -> bool:
     """True when `path` is a directory holding an sftpack store and nothing else: its
-    manifest names sftpack's format and passes its checksum, every other entry is one of
-    the store's files. Only such a directory (or an empty one) may be replaced."""
+    manifest names sftpack's format and passes its checksum, every other entry is a regular
+    file named as one of the store's files. Only such a directory (or an empty one) may be
+    replaced."""
     try:
-        manifest = read_manifest(path)
+        read_manifest(path)
     except StoreError:
         return False
-    own = {
-        MANIFEST,
-        MANIFEST + ".part",
-        *(str(e.get("path")) for e in manifest["files"].values() if isinstance(e, dict)),
-    }
-    return all(entry.name in own for entry in path.iterdir())
+    own = {MANIFEST, MANIFEST + ".part", *ALL_ARRAYS.values()}
+    return all(e.name in own and e.is_file() and not e.is_symlink() for e in path.iterdir())
 
 
 def prepare_target(target: str | os.PathLike) -> Path:
@@ -207,7 +244,10 @@ def prepare_target(target: str | os.PathLike) -> Path:
     """
     path = Path(target).absolute()
     if path.is_symlink():
-        resolved = path.resolve()
+        try:
+            resolved = path.resolve(strict=False)
+        except (RuntimeError, OSError) as exc:  # a symlink loop
+            raise StoreError(f"{path} is a symlink that cannot be resolved ({exc}); choose another --out") from None
         if not resolved.exists():
             raise StoreError(
                 f"{path} is a symlink to {resolved}, which does not exist; create it or choose another --out"
@@ -215,6 +255,12 @@ def prepare_target(target: str | os.PathLike) -> Path:
         path = resolved
     if not path.exists():
         return path
+    if path == Path.cwd() or path in Path.cwd().parents:
+        raise StoreError(
+            f"{path} is the current directory (or holds it): sftpack replaces a store by renaming "
+            "a new directory into place, which would leave your shell in a deleted directory; "
+            "choose another --out, such as ./store"
+        )
     if not path.is_dir():
         raise StoreError(f"{path} exists and is not a directory; sftpack will not replace it: choose another --out")
     if os.path.ismount(path):
@@ -326,16 +372,17 @@ class StoreWriter:
         _fsync_dir(self.tmp)
         prepare_target(self.target)  # still empty or our own store: nothing was put there meanwhile
         old = None
-        if os.path.lexists(self.target):
-            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.replace(self.target, old)
-        try:
-            os.replace(self.tmp, self.target)
-        except BaseException:
-            if old is not None:
-                os.replace(old, self.target)  # the previous store goes back where it was
-            raise
-        self._done = True
+        with _signals_deferred():  # Ctrl-C between the two renames would leave no store at the target
+            if os.path.lexists(self.target):
+                old = self.target.parent / f".{self.target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                os.replace(self.target, old)
+            try:
+                os.replace(self.tmp, self.target)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, self.target)  # the previous store goes back where it was
+                raise
+            self._done = True
         _fsync_dir(self.target.parent)
         if old is not None:
             _remove_tree(old)  # best effort: a leftover is removed by the next build of this target
@@ -423,8 +470,9 @@ def _shape_error(manifest: dict[str, Any]) -> str | None:
         return "the tokenizer record has no name or vocabulary size"
     if not all(tok.get(k) is None or count(tok.get(k)) for k in ("bos_id", "eos_id", "pad_id")):
         return "the tokenizer's special ids are not non-negative integers"
-    if not isinstance(counts, dict) or not all(count(v) for v in counts.values()):
-        return "counts are missing or not non-negative integers"
+    needed = ("documents", "tokens", "supervised_tokens", "special_token_documents", "input_bytes")
+    if not isinstance(counts, dict) or not all(count(counts.get(k)) for k in needed):
+        return f"counts must hold non-negative integers {needed}"
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) not in (set(ARRAYS), set(ALL_ARRAYS)):
         return f"files must list exactly {sorted(ARRAYS)} (and, for some tokenizers, {sorted(FIRST_ARRAYS)})"
@@ -449,8 +497,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a complete store, checked: format, version, checksum and shape."""
     root = Path(path)
     file = root / MANIFEST
-    if not file.is_file():
-        raise StoreError(f"{root} is not a complete sftpack store: {MANIFEST} is missing (an unfinished build?)")
+    if file.is_symlink() or not file.is_file():
+        what = "is not a regular file" if os.path.lexists(file) else "is missing (an unfinished build?)"
+        raise StoreError(f"{root} is not a complete sftpack store: {MANIFEST} {what}")
     try:
         with open(file, encoding="utf-8") as f:
             manifest = json.load(f)
@@ -481,15 +530,41 @@ def _check_offsets(root: Path, offsets: np.ndarray, n_tokens: int) -> None:
     step = 1 << 22
     for lo in range(0, len(offsets) - 1, step):
         chunk = np.asarray(offsets[lo : lo + step + 1])
-        if (chunk[1:] < chunk[:-1]).any():
-            raise StoreError(f"{root}: document offsets decrease (the store is corrupt); rebuild it")
+        if (chunk[1:] <= chunk[:-1]).any():  # every unit holds at least its EOS or BOS
+            raise StoreError(f"{root}: document offsets do not increase (the store is corrupt); rebuild it")
 
 
 def open_store(path: str | os.PathLike, *, verify: bool = False) -> Store:
     """Memory-map a committed store after the checks that keep impossible rows from being
     served: manifest shape, file names and sizes, array dtypes and lengths, offsets.
-    `verify` also checks every checksum and that every id lies inside the vocabulary."""
+    `verify` also checks every checksum and that every id lies inside the vocabulary.
+
+    A build replaces a store by renaming a directory into place; the manifest and arrays
+    are opened one by one, so the directory must be the same one before and after (else
+    they could come from two builds): a replacement seen meanwhile means opening again."""
     root = Path(path)
+    for _ in range(5):
+        before = _dir_id(root)
+        try:
+            store = _open_once(root, verify)
+        except StoreError:
+            if _dir_id(root) == before:
+                raise
+            continue  # its files disagreed because it was replaced meanwhile: open the new one
+        if _dir_id(root) == before:
+            return store
+    raise StoreError(f"{root} was replaced five times while it was opened; try again once its builds are done")
+
+
+def _dir_id(root: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _open_once(root: Path, verify: bool) -> Store:
     manifest = read_manifest(root)
     arrays = {}
     for key, entry in manifest["files"].items():

@@ -464,8 +464,8 @@ def load_tokenizer(spec: Any = None, *, threads: int = 0, accelerate: bool = Tru
 
 
 def _resolve(spec: Any, threads: int) -> Tokenizer:
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
-        raise ConfigError(f"workers must be an integer >= 0 (0: all cores), got {threads!r}")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 0 <= threads <= 4096:
+        raise ConfigError(f"workers must be an integer from 0 (all cores) to 4096, got {threads!r}")
     if spec is None:
         spec = DEFAULT_TOKENIZER
     if isinstance(spec, Tokenizer):
