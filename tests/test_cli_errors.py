@@ -110,7 +110,7 @@ def test_directory_without_data(tmp_path, capsys):
 
 
 def test_negative_workers(data, tmp_path, capsys):
-    expect_error(capsys, build_args(data, tmp_path, "--workers", "-3"), "workers", ">= 0")
+    expect_error(capsys, build_args(data, tmp_path, "--workers", "-3"), "workers", "from 0", "got -3")
     with pytest.raises(ConfigError, match="workers"):
         build(data, tmp_path / "api", BuildOptions(seq_length=8), "llama3", workers=-3, progress=False)
 

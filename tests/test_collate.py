@@ -42,8 +42,9 @@ def _hf_features(ds, rows):
     """One HF feature per document piece, its labels in HF (unshifted) form.
 
     Two independent derivations must agree: from our shifted labels (hf[p] = ours[p - 1])
-    and from the store itself (token p when it is trained, by the loss mask)."""
+    and from the stream itself (token p when it is trained, by the loss mask)."""
     train_all = ds.store.manifest["options"]["train_on_prompt"]
+    stream_tokens, stream_mask = ds.view.stream()
     features = []
     for r in rows:
         item = ds[r]
@@ -53,9 +54,9 @@ def _hf_features(ds, rows):
             ids = item["input_ids"][offset : offset + n]
             hf = torch.full((n,), -100, dtype=torch.int64)
             hf[1:] = item["labels"][offset : offset + n - 1]
-            stream = np.asarray(ds.store.tokens[start + offset : start + offset + n], dtype=np.int64)
+            stream = np.asarray(stream_tokens[start + offset : start + offset + n], dtype=np.int64)
             trained = np.ones(n, bool) if train_all else np.asarray(
-                ds.store.loss_mask[start + offset : start + offset + n]).astype(bool)
+                stream_mask[start + offset : start + offset + n]).astype(bool)
             from_store = np.where(trained, stream, -100)
             assert hf[1:].tolist() == from_store[1:].tolist()
             assert ids.tolist() == stream.tolist()

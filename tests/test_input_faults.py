@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import sftpack.records
-from sftpack import ConfigError, InputError
+from sftpack import ConfigError, InputError, open_packed
 from sftpack.build import BuildOptions, build
 
 
@@ -43,9 +43,10 @@ def expect_input_error(inputs, tmp_path: Path, where: str, *words: str) -> Input
     return info.value
 
 
-def _tokens(path: Path, tmp_path: Path, name: str) -> list[int]:
+def _tokens(path: Path, tmp_path: Path, name: str) -> tuple[list[int], list[int]]:
+    """The stored tokens (every document with its EOS) and the stream the plan reads."""
     summary = build(path, tmp_path / name, BuildOptions(seq_length=8), "llama3", progress=False)
-    return np.load(summary.path / "tokens.npy").tolist()
+    return np.load(summary.path / "tokens.npy").tolist(), open_packed(summary.path).view.stream()[0].tolist()
 
 
 # --------------------------------------------------------------------------- zstd

@@ -32,9 +32,10 @@ def build_ds(path, seq_length: int = 8, **kw) -> PackedSFTDataset:
     return PackedSFTDataset("llama3", path, seq_length=seq_length, **kw)
 
 
-def stream(ds: PackedSFTDataset) -> tuple[list[int], list[int]]:
-    """The store's token stream and document offsets."""
-    return np.asarray(ds.store.tokens).tolist(), np.asarray(ds.store.doc_offsets).tolist()
+def stream(ds: PackedSFTDataset) -> tuple[list[int], list[int], list[int]]:
+    """The stream the plan reads (tokens, loss mask) and its document offsets."""
+    tokens, mask = ds.view.stream()
+    return tokens.tolist(), mask.tolist(), np.asarray(ds.view.plan.offsets).tolist()
 
 
 def items(ds: PackedSFTDataset) -> list[tuple[list[int], list[int]]]:
@@ -192,7 +193,9 @@ def test_dataset_shorter_than_one_row(jsonl):
     """One short document and seq_length above its length: no row fits. Either an empty
     dataset, or an error that says so (not one blaming the loss mask or the template)."""
     path = jsonl([{"prompt": "hi", "response": "yo"}])
-    n_tokens = len(build_ds(path, seq_length=1).store.tokens)
+    one = build_ds(path, seq_length=1)
+    n_tokens = len(one.view.stream()[0])  # the stream's length: a row needs one token more
+    assert one.summary.tokens == n_tokens
     try:
         ds = build_ds(path, seq_length=n_tokens)
     except SFTPackError as exc:

@@ -38,16 +38,17 @@ def _store(jsonl, tmp_path, name="store", short=False, **options):
 
 
 def _expected_counts(path, rows):
-    """Pieces and compared tokens, derived from the store's offsets, tokens and mask."""
+    """Pieces and compared tokens, derived from the stream's document offsets and mask."""
     ds = open_packed(path)
-    starts = np.asarray(ds.store.doc_starts)
+    starts = np.asarray(ds.view.plan.offsets)[:-1]
+    _, mask = ds.view.stream()
     rows = min(rows, len(ds))
     pieces = tokens = 0
     for r in range(rows):
         lo, hi = row_span(r, SEQ)
         inside = starts[(starts > lo) & (starts < lo + SEQ)]
         pieces += 1 + len(inside)
-        trained = np.asarray(ds.store.loss_mask[lo + 1 : hi]).astype(bool)
+        trained = np.asarray(mask[lo + 1 : hi]).astype(bool)
         if ds.store.manifest["options"]["train_on_prompt"]:
             trained[:] = True
         crossing = np.isin(np.arange(lo + 1, hi), starts)  # target is a document's first token

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import trained_runs
 import quicktok
 import torch
+from helpers import stored_units, stream, trained_runs
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -58,8 +58,9 @@ def messages(*turns: tuple[str, str]) -> dict:
 
 
 def arrays(ds: PackedSFTDataset) -> tuple[list[int], list[int], list[int]]:
-    return (np.asarray(ds.store.tokens).tolist(), np.asarray(ds.store.loss_mask).tolist(),
-            np.asarray(ds.store.doc_offsets).tolist())
+    """The stream the plan reads (tokens, loss mask) and its document offsets, in plan order."""
+    ids, mask = stream(ds)
+    return ids, mask, np.asarray(ds.view.plan.offsets).tolist()
 
 
 def documents(ds: PackedSFTDataset) -> list[tuple[list[int], list[int]]]:
@@ -329,6 +330,8 @@ def test_shuffle_keeps_every_mask_with_its_tokens(jsonl):
 
     assert units(plain) != units(shuffled)  # the order did change
     assert sorted(units(plain)) == sorted(units(shuffled))
+    # the store is never shuffled: both read the same file-order units, masks included
+    assert stored_units(plain, with_mask=True) == stored_units(shuffled, with_mask=True)
 
 
 # --------------------------------------------------------------------------- options survive a reopen
@@ -355,9 +358,9 @@ def test_cli_options_survive_open_packed(jsonl, tmp_path):
     _assert_same_items(reopened, api)
     assert set(reopened[0]) == {"input_ids", "labels", "position_ids", "seq_lens"}
     assert any(bool((reopened[i]["labels"] == IGNORE).any()) for i in range(len(reopened)))
-    assert not build(path, seq_length=8).store.manifest["options"]["boundaries"]
-    options = reopened.store.manifest["options"]
-    assert options["train_on_prompt"] is False and options["boundaries"] and options["mask_cross_document"]
+    assert not build(path, seq_length=8).store.manifest["view"]["boundaries"]
+    options, view = reopened.store.manifest["options"], reopened.store.manifest["view"]
+    assert options["train_on_prompt"] is False and view["boundaries"] and view["mask_cross_document"]
 
 
 def test_cli_options_survive_open_packed_where_cross_document_masking_shows(jsonl, tmp_path):

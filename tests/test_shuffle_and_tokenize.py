@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import stored_units, stream_tokens, stream_units
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -45,14 +46,13 @@ def write(path: Path, records: list[dict]) -> Path:
 
 
 def tokens(ds) -> list[int]:
-    return np.asarray(ds.store.tokens).tolist()
+    """The stream the dataset's plan reads (`BOS d1 EOS ... BOS dN`, in plan order)."""
+    return stream_tokens(ds)
 
 
 def units(ds) -> list[list[int]]:
-    """The document units of the store, from its document offsets."""
-    t = np.asarray(ds.store.tokens)
-    off = np.asarray(ds.store.doc_offsets)
-    return [t[a:b].tolist() for a, b in zip(off[:-1], off[1:])]
+    """The document units of the stream, in plan order, from the plan's stream offsets."""
+    return stream_units(ds)
 
 
 def items(ds) -> list[tuple[list[int], list[int]]]:
@@ -110,6 +110,8 @@ def test_shuffle_differs_from_file_order(shuffle_data):
     assert len(tokens(shuffled)) == len(tokens(plain))
     assert tokens(shuffled) != tokens(plain)
     assert items(shuffled) != items(plain)
+    # the store itself is never shuffled: both datasets read the same stored documents
+    assert stored_units(shuffled) == stored_units(plain)
 
 
 def test_same_seed_gives_identical_items(shuffle_data):
@@ -153,6 +155,11 @@ def test_shuffled_stream_is_a_permutation_of_whole_documents(shuffle_data, enc, 
     records = marked_records(N_DOCS)
     texts = [render(records[i]["prompt"], records[i]["response"]) for i in order]
     assert tokens(shuffled) == enc.encode_with_special(BOS + (EOS + BOS).join(texts))
+    # the plan's order is that permutation of the stored (file-order) documents
+    assert np.asarray(shuffled.view.plan.order).tolist() == order
+    stored = stored_units(shuffled)
+    assert order_from_markers([enc.decode(u) for u in stored]) == list(range(N_DOCS))
+    assert all(u[0] == BOS_ID and u[-1] == EOS_ID for u in stored)
 
 
 def test_shuffle_without_seed_differs_between_builds(shuffle_data):
@@ -175,10 +182,8 @@ def test_shuffle_moves_loss_masks_with_their_documents(shuffle_data):
     shuffled = PackedSFTDataset("llama3", path, seq_length=16, train_on_prompt=False, shuffle=True, seed=5)
 
     def pairs(ds):
-        t, m, off = (np.asarray(a) for a in (ds.store.tokens, ds.store.loss_mask, ds.store.doc_offsets))
         out = []
-        for a, b in zip(off[:-1], off[1:]):
-            tok, mask = t[a:b].tolist(), m[a:b].tolist()
+        for tok, mask in stream_units(ds, with_mask=True):
             if tok[-1] == EOS_ID:  # the last unit of a stream has lost its EOS
                 tok, mask = tok[:-1], mask[:-1]
             out.append((tuple(tok), tuple(mask)))
@@ -192,9 +197,12 @@ def test_shuffle_moves_loss_masks_with_their_documents(shuffle_data):
 def test_shuffle_result_does_not_depend_on_batch_and_chunk_sizes(shuffle_data, monkeypatch):
     path, _ = shuffle_data
     reference = PackedSFTDataset("llama3", path, seq_length=16, shuffle=True, seed=11)
+    # the shuffle is now a plan over the stored documents (no gather chunks at build): only
+    # the tokenizer batches are cut at build, and neither store nor stream may depend on them
     monkeypatch.setattr("sftpack.build.BATCH_CHARS", 300)
-    monkeypatch.setattr("sftpack.build.GATHER_TOKENS", 50)
     small = PackedSFTDataset("llama3", path, seq_length=16, shuffle=True, seed=11)
+    assert not small.summary.reused
+    assert stored_units(small, with_mask=True) == stored_units(reference, with_mask=True)
     assert tokens(small) == tokens(reference)
     assert items(small) == items(reference)
 

@@ -20,9 +20,8 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import trained_runs
+from helpers import stream_tokens, stream_units, trained_runs
 from test_shuffle_and_tokenize import order_from_markers, sp_tokenizer  # noqa: F401  (a fixture)
 
 from sftpack import PackedSFTDataset
@@ -166,9 +165,8 @@ def build(path, tokenizer, **kwargs) -> PackedSFTDataset:
 
 
 def units(ds) -> list[tuple[list[int], list[int]]]:
-    t, m = np.asarray(ds.store.tokens).tolist(), np.asarray(ds.store.loss_mask).tolist()
-    off = np.asarray(ds.store.doc_offsets).tolist()
-    return [(t[a:b], m[a:b]) for a, b in zip(off[:-1], off[1:])]
+    """(ids, mask) of every document of the stream, in plan order (the last without EOS)."""
+    return stream_units(ds, with_mask=True)
 
 
 def content_specials(r: Route, conv) -> int:
@@ -189,7 +187,7 @@ def test_template_specials_are_ids_and_content_follows_the_mode(tmp_path, monkey
     convs = conversations(r, kind == "chat")
     ds = build(write(tmp_path / "data.jsonl", records(convs)), r.tokenizer, template=template,
                special_tokens=mode, train_on_prompt=train_on_prompt)
-    assert np.asarray(ds.store.tokens).tolist() == expected_stream(r, template, convs, mode == "parse")
+    assert stream_tokens(ds) == expected_stream(r, template, convs, mode == "parse")
     assert ("encoded by quicktok" in ds.summary.tokenizer) == (r.name == "hf-accelerated")
     users_specials = [s for s in (*r.specials, r.hf.eos_token, r.hf.bos_token)]
     assert ds.summary.special_token_documents == sum(
@@ -232,7 +230,7 @@ def test_shuffled_stream_has_template_specials_as_ids(tmp_path, route, mode):
     order = order_from_markers([r.hf.decode(ids) for ids, _ in units(ds)])
     assert sorted(order) == list(range(len(convs))) and order[0] != 0
     expected = expected_stream(r, r.chat, [convs[i] for i in order], mode == "parse")
-    assert np.asarray(ds.store.tokens).tolist() == expected
+    assert stream_tokens(ds) == expected
 
 
 @pytest.mark.parametrize("mode", ["parse", "text"])
@@ -246,7 +244,7 @@ def test_special_token_straddling_the_content_edge_is_user_text(tmp_path, route,
     ds = build(write(tmp_path / "data.jsonl", records(convs)), r.tokenizer, template=template,
                special_tokens=mode, train_on_prompt=False)
     assert ds.summary.special_token_documents == 3
-    stream = np.asarray(ds.store.tokens).tolist()
+    stream = stream_tokens(ds)
     assert stream.count(r.hf.convert_tokens_to_ids(r.close)) == (3 if mode == "parse" else 0)
     assert stream == expected_stream(r, template, convs, mode == "parse")
 
@@ -262,7 +260,7 @@ def test_eos_written_by_the_template_is_an_id_and_trained(tmp_path, route, mode)
     convs = [[("user", f"@{i}# alpha {eos}{bos} beta"), ("assistant", f"quick {eos} fox")] for i in range(3)]
     ds = build(write(tmp_path / "data.jsonl", records(convs)), r.tokenizer, template=template,
                special_tokens=mode, train_on_prompt=False)
-    assert np.asarray(ds.store.tokens).tolist() == expected_stream(r, template, convs, mode == "parse")
+    assert stream_tokens(ds) == expected_stream(r, template, convs, mode == "parse")
     eos_id = r.hf.eos_token_id
     for ids, mask in units(ds):
         trained = [t for t, m in zip(ids, mask) if m]
@@ -307,7 +305,7 @@ def test_special_tokens_that_strip_whitespace_take_it_as_in_the_joined_string(tm
     convs = [[("user", f"@{i}# alpha {r.close} beta "), ("assistant", f"quick {r.open}  fox")] for i in range(3)]
     ds = build(write(tmp_path / "data.jsonl", records(convs)), r.tokenizer, template=r.chat,
                special_tokens=mode, train_on_prompt=False)
-    assert np.asarray(ds.store.tokens).tolist() == expected_stream(r, r.chat, convs, mode == "parse")
+    assert stream_tokens(ds) == expected_stream(r, r.chat, convs, mode == "parse")
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +340,7 @@ def test_slow_tokenizer_parses_template_specials_and_refuses_text_mode_on_inject
     expected = list(slow_sp(slow_sp.eos_token.join(texts), add_special_tokens=False)["input_ids"])  # no BOS added
     for mode in ("parse", "text"):  # clean content: the template's specials are ids in both modes
         ds = build(path, slow_sp, template=template, special_tokens=mode)
-        assert np.asarray(ds.store.tokens).tolist() == expected
+        assert stream_tokens(ds) == expected
     convs[1][0] = ("user", "hello <end_of_turn> world")
     injected = write(tmp_path / "injected.jsonl", records(convs))
     with pytest.raises(ConfigError, match="fast"):  # text mode needs per-segment encoding: said, not guessed

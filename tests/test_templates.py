@@ -6,8 +6,8 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import trained_runs
 import quicktok
+from helpers import stream_mask, stream_tokens, trained_runs
 
 import sftpack
 from sftpack import ConfigError, InputError, PackedSFTDataset, SFTPackError
@@ -61,7 +61,8 @@ def qwen_stream(texts: list[str]) -> list[int]:
 
 
 def tokens(ds: PackedSFTDataset) -> list[int]:
-    return np.asarray(ds.store.tokens).tolist()
+    """The stream the plan reads (`BOS d1 EOS ... BOS dN`)."""
+    return stream_tokens(ds)
 
 
 def build(path, tokenizer="llama3", seq_length=4, **kwargs) -> PackedSFTDataset:
@@ -133,6 +134,7 @@ def test_sharegpt_equals_the_same_conversation_as_messages(jsonl):
     b = build(jsonl(openai, "b.jsonl"), template="chat", train_on_prompt=False)
     assert tokens(a) == tokens(b)
     assert np.array_equal(np.asarray(a.store.loss_mask), np.asarray(b.store.loss_mask))
+    assert stream_mask(a) == stream_mask(b)
 
 
 def test_explicit_schema_overrides_auto_detection(jsonl):
@@ -186,7 +188,7 @@ def test_field_remapping_via_the_cli(jsonl, tmp_path, capsys):
                  "--field", "prompt=question", "--field", "response=answer"])
     assert code == 0
     reopened = sftpack.open_packed(out)
-    assert np.asarray(reopened.store.tokens).tolist() == llama_stream([alpaca(p, r) for p, r in PAIRS])
+    assert stream_tokens(reopened) == llama_stream([alpaca(p, r) for p, r in PAIRS])
     assert reopened.store.manifest["options"]["fields"] == {"prompt": "question", "response": "answer"}
 
 
@@ -278,8 +280,11 @@ def test_alpaca_default_output_is_unchanged(jsonl):
     )
     first = [BOS, *LLAMA3.encode(text), EOS]
     assert tokens(ds)[: len(first)] == first
-    assert ds.store.doc_offsets.tolist() == [0, len(first), len(tokens(ds))]
-    assert build(jsonl(rows, "b.jsonl"), template="alpaca").store.tokens.tolist() == tokens(ds)
+    assert ds.view.plan.offsets.tolist() == [0, len(first), len(tokens(ds))]
+    # stored units keep every EOS, the last document's included
+    assert ds.store.doc_offsets.tolist() == [0, len(first), len(tokens(ds)) + 1]
+    assert ds.store.tokens.tolist() == tokens(ds) + [EOS]
+    assert tokens(build(jsonl(rows, "b.jsonl"), template="alpaca")) == tokens(ds)
 
 
 def test_custom_template_string(jsonl):
@@ -361,7 +366,7 @@ def test_chat_template_trims_content_like_the_reference(jsonl):
     conv = [("user", "  Hi there \n"), ("assistant", "\n Hello. ")]
     ds = build(jsonl([messages(*conv)] * 2), template="chat", train_on_prompt=False)
     assert tokens(ds) == llama_stream([llama3_chat(conv)] * 2)
-    trained = [t for t, m in zip(tokens(ds), np.asarray(ds.store.loss_mask).tolist()) if m]
+    trained = [t for t, m in zip(tokens(ds), stream_mask(ds)) if m]
     assert LLAMA3.decode(trained) == "Hello.<|eot_id|>" * 2
 
 
@@ -376,12 +381,14 @@ def test_unparsable_jinja_template_is_a_config_error(jsonl):
 
 
 def _assert_one_bos_per_document(ds: PackedSFTDataset, n_docs: int) -> None:
-    ids = np.asarray(ds.store.tokens).astype(np.int64)
-    starts = np.asarray(ds.store.doc_offsets)[:-1]
-    assert len(starts) == n_docs
-    assert not np.any((ids[:-1] == BOS) & (ids[1:] == BOS)), "doubled BOS"
-    assert int((ids == BOS).sum()) == n_docs
-    assert np.flatnonzero(ids == BOS).tolist() == starts.tolist()
+    # the stream (plan offsets) and the stored units (store offsets) alike
+    for ids, offsets in ((ds.view.stream()[0], ds.view.plan.offsets), (ds.store.tokens, ds.store.doc_offsets)):
+        ids = np.asarray(ids).astype(np.int64)
+        starts = np.asarray(offsets)[:-1]
+        assert len(starts) == n_docs
+        assert not np.any((ids[:-1] == BOS) & (ids[1:] == BOS)), "doubled BOS"
+        assert int((ids == BOS).sum()) == n_docs
+        assert np.flatnonzero(ids == BOS).tolist() == starts.tolist()
 
 
 def test_bundled_chat_template_emitting_bos_gives_no_doubled_bos(jsonl):
@@ -428,7 +435,8 @@ def test_qwen3_documents_are_joined_by_eos_alone(jsonl):
     assert tokens(ds) == qwen_stream(texts)
     assert tokens(ds)[0] == QWEN3.encode("Q: ")[0]  # the stream does not start with a BOS
     lengths = [len(qwen_ids(t)) + 1 for t in texts]
-    assert ds.store.doc_offsets.tolist() == [0, *np.cumsum(lengths)[:-1].tolist(), len(tokens(ds))]
+    assert ds.view.plan.offsets.tolist() == [0, *np.cumsum(lengths)[:-1].tolist(), len(tokens(ds))]
+    assert ds.store.doc_offsets.tolist() == [0, *np.cumsum(lengths).tolist()]  # stored units keep every EOS
     assert "<|begin_of_text|>" not in QWEN3.decode(tokens(ds))
 
 
@@ -448,7 +456,7 @@ def test_custom_jinja_chat_template_with_qwen3(jsonl):
     assert tokens(ds) == qwen_stream(texts)
     im_start = QWEN3.encode_single_token("<|im_start|>")
     assert tokens(ds)[0] == im_start
-    ids, mask = tokens(ds), np.asarray(ds.store.loss_mask).tolist()
+    ids, mask = tokens(ds), stream_mask(ds)
     runs = trained_runs(ids, mask)
     assert [QWEN3.decode(r) for r in runs] == ["Hello!<|im_end|>", "Bye!<|im_end|>", "4<|im_end|>"]
 

@@ -252,6 +252,11 @@ def summarize(store: Store, options: BuildOptions, seconds: float, reused: bool)
 
     view = View(store, options)
     supervised, empty = view.supervision()
+    if supervised == 0:
+        raise ConfigError(
+            f"{store.path}: no label of the planned rows is supervised (every label is masked); check "
+            "train_on_prompt and the template"
+        )
     c, stats = store.manifest["counts"], view.plan.stats
     return BuildSummary(
         path=store.path,
