@@ -166,3 +166,14 @@ def test_cli_build_bfd_and_stats(store, tmp_path, capsys):
     report = capsys.readouterr().out
     assert "seq_length 256" in report and "packing efficiency" in report
     assert (tmp_path / "fill.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"seq_length": 33, "shuffle": True, "seed": 2},
+                                    {"packing": "bfd", "seq_length": 50}, {"packing": "bfd", "seq_length": 7},
+                                    {"packing": "bfd", "seq_length": 64, "overflow": "truncate", "pad": False}])
+def test_supervision_counts_equal_the_served_labels(store, kwargs):
+    """The summary's supervised labels and empty rows, computed from the mask in one pass,
+    are exactly what the served rows hold."""
+    ds = open_packed(store, **kwargs)
+    per_row = [int((ds[i]["labels"] != IGNORE_INDEX).sum()) for i in range(len(ds))]
+    assert ds.view.supervision() == (sum(per_row), per_row.count(0))

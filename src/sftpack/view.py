@@ -184,21 +184,48 @@ class View:
         )
 
     def supervision(self) -> tuple[int, int]:
-        """(supervised labels in all rows, rows without any): one pass over the rows."""
-        total = empty = 0
-        if isinstance(self.plan, ConcatPlan) and self.plan.order is None and self._first < 0:
-            L, rows, mask = self.seq_length, len(self), self.store.loss_mask
-            step = max(1, (1 << 22) // L)
-            for r in range(0, rows, step):
-                r_end = min(rows, r + step)
-                # read, not mapped: every mapped page counts in RSS while the map lives
-                labels = np.fromfile(mask.filename, np.uint8, (r_end - r) * L, offset=mask.offset + r * L + 1)  # type: ignore[attr-defined]
-                per_row = labels.reshape(r_end - r, L).sum(axis=1, dtype=np.int64)
-                total += int(per_row.sum())
-                empty += int((per_row == 0).sum())
-            return total, empty
-        for i in range(len(self)):
-            n = int((self.item(i)["labels"] != IGNORE_INDEX).sum())
-            total += n
-            empty += n == 0
-        return total, empty
+        """(supervised labels in all rows, rows without any), from the loss mask read once
+        in bounded chunks: a row's labels are its pieces' tokens but the first of each bfd
+        piece, or of each concat row (the first input predicts the second)."""
+        plan = self.plan.to_plan() if isinstance(self.plan, ConcatPlan) else self.plan
+        starts = plan.row_offsets[:-1]
+        skip = np.ones(len(plan.doc), np.int64)  # bfd: each piece's first token is no label target
+        if isinstance(self.plan, ConcatPlan):
+            skip[:] = 0
+            skip[starts] = 1  # concat: only the window's first token (the row's L + 1 tokens hold L labels)
+        if self.all_trained:
+            counts = plan.length - skip
+        else:
+            first = plan.doc == self._first
+            counts = np.zeros(len(plan.doc), np.int64)
+            for sel, mask, offsets in (
+                (~first, self.store.loss_mask, self.store.doc_offsets),
+                (first, self.store.first_mask, self.store.first_offsets),
+            ):
+                if sel.any():
+                    a = np.asarray(offsets, np.int64)[plan.doc[sel]] + plan.start[sel] + skip[sel]
+                    b = np.asarray(offsets, np.int64)[plan.doc[sel]] + plan.start[sel] + plan.length[sel]
+                    ones = _ones_before(mask, np.concatenate((a, b)))
+                    counts[sel] = ones[len(a) :] - ones[: len(a)]
+        per_row = np.add.reduceat(counts, starts) if len(starts) else np.zeros(0, np.int64)
+        per_row[np.diff(plan.row_offsets) == 0] = 0
+        return int(per_row.sum()), int((per_row == 0).sum())
+
+
+def _ones_before(mask: np.ndarray, positions: np.ndarray, step: int = 1 << 22) -> np.ndarray:
+    """How many 1s `mask[:p]` holds, for every p of `positions`, reading the mask file in
+    chunks (read, not mapped: every mapped page counts in RSS while the map lives)."""
+    order = np.argsort(positions, kind="stable")
+    sorted_pos = positions[order]
+    out = np.empty(len(positions), np.int64)
+    carry, done = 0, 0
+    for lo in range(0, len(mask) + 1, step):
+        hi = min(lo + step, len(mask))
+        chunk = np.fromfile(mask.filename, np.uint8, hi - lo, offset=mask.offset + lo)  # type: ignore[attr-defined]
+        cum = np.concatenate(([carry], carry + np.cumsum(chunk, dtype=np.int64)))
+        end = int(np.searchsorted(sorted_pos, hi, side="right"))
+        out[order[done:end]] = cum[sorted_pos[done:end] - lo]
+        carry, done = int(cum[-1]), end
+        if hi == len(mask):
+            break
+    return out
