@@ -202,7 +202,7 @@ class View:
                 (~first, self.store.loss_mask, self.store.doc_offsets),
                 (first, self.store.first_mask, self.store.first_offsets),
             ):
-                if sel.any():
+                if sel.any() and mask is not None:  # first_* exist wherever a piece reads them
                     a = np.asarray(offsets, np.int64)[plan.doc[sel]] + plan.start[sel] + skip[sel]
                     b = np.asarray(offsets, np.int64)[plan.doc[sel]] + plan.start[sel] + plan.length[sel]
                     ones = _ones_before(mask, np.concatenate((a, b)))
