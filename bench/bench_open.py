@@ -43,7 +43,8 @@ def main() -> None:
                 lengths = rng.integers(1, 9, size=min(1_000_000, args.docs - lo))
                 n = int(lengths.sum())
                 w.append(rng.integers(0, vocab, n), np.ones(n, np.uint8), lengths)
-            w.commit({"fingerprint": "bench", "counts": {}, "options": {"train_on_prompt": True},
+            w.commit({"fingerprint": "bench", "counts": {"documents": 0, "tokens": 0, "supervised_tokens": 0, "special_token_documents": 0,
+                                  "input_bytes": 0}, "options": {"train_on_prompt": True},
                       "plan": {"seq_length": 2048, "packing": "concat", "overflow": "split", "pad": None,
                                "shuffle": False, "seed": None},
                       "view": {"boundaries": False, "mask_cross_document": False},

@@ -233,7 +233,8 @@ def test_token_dtype_rejects_empty_vocabulary(bad):
 
 def _minimal_manifest(vocab: int) -> dict:
     """What a reader needs besides the files (which the writer adds)."""
-    return {"fingerprint": "test", "counts": {}, "options": {"train_on_prompt": True},
+    return {"fingerprint": "test", "counts": {"documents": 0, "tokens": 0, "supervised_tokens": 0, "special_token_documents": 0,
+                                  "input_bytes": 0}, "options": {"train_on_prompt": True},
             "plan": {"seq_length": 4, "packing": "concat", "overflow": "split", "pad": None, "shuffle": False,
                      "seed": None},
             "view": {"boundaries": False, "mask_cross_document": False},
