@@ -177,3 +177,18 @@ def test_supervision_counts_equal_the_served_labels(store, kwargs):
     ds = open_packed(store, **kwargs)
     per_row = [int((ds[i]["labels"] != IGNORE_INDEX).sum()) for i in range(len(ds))]
     assert ds.view.supervision() == (sum(per_row), per_row.count(0))
+
+
+@pytest.mark.parametrize("overflow", ["split", "truncate", "drop"])
+def test_supervised_tokens_lost_are_counted_exactly(store, overflow):
+    from sftpack.config import BuildOptions as Options
+    from sftpack.view import View
+
+    ds = open_packed(store)
+    view = View(ds.store, Options(seq_length=40, packing="bfd", overflow=overflow), count_supervised=True)
+    stats, lost = view.plan.stats, view.plan.lost
+    offsets, mask = np.asarray(ds.store.doc_offsets), np.asarray(ds.store.loss_mask)
+    want = sum(int(mask[offsets[d] + s : offsets[d] + s + n].sum())
+               for d, s, n in zip(lost.doc.tolist(), lost.start.tolist(), lost.length.tolist()))
+    assert stats.supervised_in == int(mask.sum()) and stats.supervised_lost == want
+    assert (want > 0) == (overflow != "split")

@@ -247,7 +247,8 @@ def _stats(args: argparse.Namespace) -> int:
     from .view import View, options_for
 
     store = open_store(args.store)
-    view = View(store, options_for(store, **{f.name: getattr(args, f.name) for f in option_fields("plan")}))
+    options = options_for(store, **{f.name: getattr(args, f.name) for f in option_fields("plan")})
+    view = View(store, options, count_supervised=True)
     lengths = np.diff(np.asarray(store.doc_offsets, dtype=np.int64))
     pad = view.pad if view.options.packing == "bfd" else None
     print("\n".join(report_lines(view.plan.stats, lengths, pad=pad)))

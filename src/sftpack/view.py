@@ -57,7 +57,9 @@ class Row:
 class View:
     """Rows of `store` under the plan and serving options of `options`."""
 
-    def __init__(self, store: Store, options: BuildOptions) -> None:
+    def __init__(self, store: Store, options: BuildOptions, *, count_supervised: bool = False) -> None:
+        """`count_supervised`: bfd plans also count the supervised tokens they lose (one pass
+        over the loss mask; the report's business, not a training job's)."""
         options.validate()
         self.store, self.options = store, options
         self.seq_length = int(options.seq_length)
@@ -69,7 +71,8 @@ class View:
         lengths = np.diff(np.asarray(store.doc_offsets, dtype=np.int64))
         try:
             if options.packing == "bfd":
-                self.plan: Plan | ConcatPlan = plan_bfd(lengths, self.seq_length, overflow=options.overflow)
+                counted = self._supervised_counts() if count_supervised else {}
+                self.plan: Plan | ConcatPlan = plan_bfd(lengths, self.seq_length, overflow=options.overflow, **counted)
                 self._first = -1
             else:
                 self.plan, self._first = self._plan_concat(lengths, options)
@@ -91,6 +94,17 @@ class View:
         if n:
             stream[order[-1]] -= int(self.store.manifest["tokenizer"].get("eos_id") is not None)
         return plan_concat(stream, self.seq_length, seed=seed), first
+
+    def _supervised_counts(self) -> dict[str, Any]:
+        """Per-document supervised tokens, and the counter of a document prefix, for plans."""
+        offsets = np.asarray(self.store.doc_offsets, np.int64)
+        mask = self.store.loss_mask
+        before = _ones_before(mask, offsets)
+
+        def prefix(doc: np.ndarray, n: np.ndarray) -> np.ndarray:
+            return _ones_before(mask, offsets[doc] + n) - before[doc]
+
+        return {"supervised": np.diff(before), "supervised_prefix": prefix}
 
     def __len__(self) -> int:
         return self.plan.rows
