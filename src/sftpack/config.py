@@ -118,6 +118,14 @@ class BuildOptions:
         return replace(self, **{k: v for k, v in recorded.items() if k in known and getattr(self, k) is None})
 
 
+def make_options(**given: Any) -> BuildOptions:
+    """`BuildOptions(**given)`, an unknown name being a `ConfigError` that lists the valid ones."""
+    known = {f.name for f in fields(BuildOptions)}
+    if set(given) - known:
+        raise ConfigError(f"unknown option(s) {sorted(set(given) - known)}; the options are {sorted(known)}")
+    return BuildOptions(**given)
+
+
 def option_fields(group: str | None = None) -> list[Any]:
     """The dataclass fields of `BuildOptions` (of one group), for the CLI and the API."""
     return [f for f in fields(BuildOptions) if group is None or f.metadata["group"] == group]

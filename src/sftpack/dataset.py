@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +16,10 @@ import torch
 from torch.utils.data import Dataset
 
 from .build import BuildSummary, build, resolve_seed
-from .config import BuildOptions
-from .errors import ConfigError, StoreError
+from .config import BuildOptions, make_options
+from .errors import StoreError
 from .store import Store, open_store
 from .view import View, options_for
-
-
-def _options(**given: Any) -> BuildOptions:
-    try:
-        return BuildOptions(**given)
-    except TypeError:
-        known = sorted(f.name for f in fields(BuildOptions))
-        unknown = sorted(set(given) - set(known))
-        raise ConfigError(f"unknown option(s) {unknown}; the options are {known}") from None
 
 
 class PackedSFTDataset(Dataset):
@@ -55,7 +45,7 @@ class PackedSFTDataset(Dataset):
         workers: int = 0,
         **options: Any,
     ) -> None:
-        opts = resolve_seed(_options(seq_length=seq_length, shuffle=shuffle, seed=seed, **options))
+        opts = resolve_seed(make_options(seq_length=seq_length, shuffle=shuffle, seed=seed, **options))
         self._tmp = None
         if cache_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="sftpack-")

@@ -418,10 +418,6 @@ class Store:
     def fingerprint(self) -> str:
         return str(self.manifest["fingerprint"])
 
-    @property
-    def doc_starts(self) -> np.ndarray:
-        return self.doc_offsets[:-1]
-
 
 def _manifest_checksum(manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != "checksum"}

@@ -14,12 +14,12 @@ reads each row's pieces from the memory-mapped arrays:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from .config import BuildOptions
+from .config import BuildOptions, make_options
 from .errors import ConfigError
 from .pack import IGNORE_INDEX, labels_from, mask_cross_document, position_ids, seq_lens
 from .plans import ConcatPlan, Plan, PlanError, plan_bfd, plan_concat
@@ -31,11 +31,7 @@ def options_for(store: Store, **given: Any) -> BuildOptions:
     recorded. Asking to shuffle a store recorded unshuffled, without a seed, draws one."""
     recorded = {**store.manifest["plan"], **store.manifest["view"]}
     chosen = {k: v for k, v in given.items() if v is not None}
-    try:
-        options = BuildOptions(**{**recorded, **chosen})
-    except TypeError:
-        known = sorted(f.name for f in fields(BuildOptions))
-        raise ConfigError(f"unknown option(s) {sorted(set(chosen) - set(known))}; the options are {known}") from None
+    options = make_options(**{**recorded, **chosen})
     if chosen.get("shuffle") and "seed" not in chosen and not recorded["shuffle"]:
         options = replace(options, seed=None)
     from .build import resolve_seed  # the one rule for seeds; build imports no torch
