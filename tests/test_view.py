@@ -192,3 +192,53 @@ def test_supervised_tokens_lost_are_counted_exactly(store, overflow):
                for d, s, n in zip(lost.doc.tolist(), lost.start.tolist(), lost.length.tolist()))
     assert stats.supervised_in == int(mask.sum()) and stats.supervised_lost == want
     assert (want > 0) == (overflow != "split")
+
+
+# --------------------------------------------------------------------------- found by attacking plans
+
+from test_shuffle_and_tokenize import sp_tokenizer  # noqa: E402, F401  (a fixture)
+
+
+def test_bfd_documents_are_encoded_as_on_their_own_with_sentencepiece(sp_tokenizer, tmp_path):  # noqa: F811
+    """A bfd row's documents stand alone (positions restart, attention is per document), so
+    each is the tokenizer's encoding of its own text (+ EOS), not its mid-stream encoding."""
+    rows = [{"prompt": f"Say {w} twice.", "response": f"{w} {w}."} for w in ("apple", "Bel", "zebra", "0x1")]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    ds = PackedSFTDataset(sp_tokenizer, data, 512, packing="bfd", pad=False)
+    from sftpack.templates import make_template
+
+    template = make_template("alpaca")
+    alone = sorted(sp_tokenizer(template.render([("user", r["prompt"]), ("assistant", r["response"])]).text)["input_ids"]
+                   + [sp_tokenizer.eos_token_id] for r in rows)
+    served = []
+    for i in range(len(ds)):
+        item = ds[i]
+        cuts = np.cumsum(item["seq_lens"].numpy())[:-1]
+        served += [piece.tolist() for piece in np.split(item["input_ids"].numpy(), cuts)]
+    assert sorted(served) == alone
+
+
+def test_a_build_whose_plan_fails_changes_nothing(store, tmp_path):
+    data = store.parent / "data.jsonl"
+    out = tmp_path / "s"
+    build(data, out, BuildOptions(seq_length=64, train_on_prompt=False), "llama3", progress=False)
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(ConfigError, match="nothing to pack"):
+        build(data, out, BuildOptions(seq_length=1, packing="bfd", overflow="drop", train_on_prompt=False), "llama3",
+              progress=False)
+    assert (out / "manifest.json").read_bytes() == before and len(open_packed(out)) > 0
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ConfigError, match="nothing to pack"):
+        build(data, fresh, BuildOptions(seq_length=1, packing="bfd", overflow="drop"), "llama3", progress=False)
+    assert not fresh.exists() and [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_bfd_shuffle_mixes_the_row_order_and_huge_seq_lengths_are_refused(store):
+    plain = open_packed(store, packing="bfd", seq_length=128)
+    mixed = open_packed(store, packing="bfd", seq_length=128, shuffle=True, seed=4)
+    rows = lambda ds: [ds[i]["input_ids"].tolist() for i in range(len(ds))]  # noqa: E731
+    assert rows(mixed) != rows(plain) and sorted(rows(mixed)) == sorted(rows(plain))
+    assert rows(open_packed(store, packing="bfd", seq_length=128, shuffle=True, seed=4)) == rows(mixed)
+    with pytest.raises(ConfigError, match="seq_length"):
+        open_packed(store, packing="bfd", seq_length=10**9)

@@ -77,6 +77,7 @@ class BuildSummary:
     seed: int | None
     packing: str = "concat"
     plan: PlanStats | None = None
+    pad: bool = True
 
     @property
     def mb_per_s(self) -> float:
@@ -94,8 +95,9 @@ class BuildSummary:
             out.append(f"  dropped at tail:  {self.dropped_tokens:,} tokens")
         elif self.plan is not None:
             p = self.plan
+            fill = "padding tokens" if self.pad else "empty slots, rows served unpadded"
             out += [
-                f"  efficiency:       {p.efficiency:.2%} ({p.padding_tokens:,} padding tokens)",
+                f"  efficiency:       {p.efficiency:.2%} ({p.padding_tokens:,} {fill})",
                 f"  documents split / truncated / dropped: {p.documents_split:,} / {p.documents_truncated:,}"
                 f" / {p.documents_dropped:,}",
                 f"  tokens lost:      {p.tokens_lost:,}",
@@ -190,14 +192,13 @@ def build(
         with target_lock(out, on_wait=lambda: _waiting(out)):
             clean_stale(out)
             store = None if force else _up_to_date(out, fp)
-            reused = store is not None
-            if store is not None and cache_dir is None and _recorded(store.manifest) != _recorded_of(options):
-                # the same tokens, opened by default with this build's plan from now on: no re-tokenizing
-                record_defaults(out, **_recorded_of(options))
-                store = open_store(out)
-            if store is None:
-                _write_store(reader, out, fp, tok, schema, template, options, progress)
-                store = open_store(out)
+            if store is not None:
+                summary = summarize(store, options, 0.0, reused=True)  # a plan that fails changes nothing
+                if cache_dir is None and _recorded(store.manifest) != _recorded_of(options):
+                    # the same tokens, opened by default with this build's plan from now on: no re-tokenizing
+                    record_defaults(out, **_recorded_of(options))
+            else:
+                summary = _write_store(reader, out, fp, tok, schema, template, options, progress)
     except LockUnavailable as exc:
         # a read-only cache or store: an up-to-date store there is still served, as built
         store = None if force else _up_to_date(out, fp)
@@ -206,9 +207,9 @@ def build(
                 f"{exc}; the store there is missing or out of date and the directory cannot be "
                 "written: build it somewhere writable"
             ) from None
-        reused = True
-    summary = summarize(store, options, time.perf_counter() - started, reused=reused)
-    if not reused:
+        summary = summarize(store, options, 0.0, reused=True)
+    summary.seconds = time.perf_counter() - started
+    if not summary.reused:
         summary.tokenizer = tok.summary or tok.name
         if summary.special_token_documents:
             warnings.warn(
@@ -250,7 +251,7 @@ def summarize(store: Store, options: BuildOptions, seconds: float, reused: bool)
     """The summary of `store` planned as `options` say (one pass over the rows' labels)."""
     from .view import View
 
-    view = View(store, options)
+    view = View(store, options, count_supervised=True)
     supervised, empty = view.supervision()
     if supervised == 0:
         raise ConfigError(
@@ -274,6 +275,7 @@ def summarize(store: Store, options: BuildOptions, seconds: float, reused: bool)
         seed=options.seed if options.shuffle else None,
         packing=options.packing,
         plan=stats,
+        pad=view.pad,
     )
 
 
@@ -286,7 +288,10 @@ def _write_store(
     template: Template,
     options: BuildOptions,
     progress: bool | None,
-) -> None:
+) -> BuildSummary:
+    """Write the store, and summarize it as `options` plan it before it is published: a
+    plan that cannot be made leaves the previous store (or nothing) in place."""
+    checked: list[BuildSummary] = []
     with StoreWriter(out, token_dtype(tok.vocab_size)) as writer:
         special_docs = _encode_all(reader, tok, schema, template, options, writer, progress)
         mask_path = writer.loss_mask_path()
@@ -317,8 +322,11 @@ def _write_store(
                     "special_token_documents": special_docs,
                     "input_bytes": reader.total_bytes,
                 },
-            }
+            },
+            check=lambda tmp: checked.append(summarize(open_store(tmp), options, 0.0, reused=False)),
         )
+    checked[0].path = out
+    return checked[0]
 
 
 def _chunks(path: Path, n: int, step: int = 1 << 22) -> Iterator[np.ndarray]:

@@ -19,6 +19,7 @@ from .errors import ConfigError
 PACKINGS = ("concat", "bfd")
 OVERFLOWS = ("split", "truncate", "drop")
 SPECIAL_TOKENS = ("parse", "text")
+MAX_SEQ_LENGTH = 1 << 24  # 16M tokens a row: far past any model; bfd plans and padded rows cost O(seq_length)
 
 
 def _opt(
@@ -84,8 +85,8 @@ class BuildOptions:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the option and its valid values."""
-        if not _is_int(self.seq_length) or self.seq_length < 1:
-            raise ConfigError(f"seq_length must be an integer >= 1, got {self.seq_length!r}")
+        if not _is_int(self.seq_length) or not 1 <= self.seq_length <= MAX_SEQ_LENGTH:
+            raise ConfigError(f"seq_length must be an integer from 1 to {MAX_SEQ_LENGTH:,}, got {self.seq_length!r}")
         for f in fields(self):
             value, choices = getattr(self, f.name), f.metadata["choices"]
             if choices and value not in choices:

@@ -33,7 +33,7 @@ def render_row(path: str | os.PathLike, row: int, *, tokenizer: Any = None, colo
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
     ids = view.row(row).tokens[:L].tolist()
     trained = np.asarray(view.row(row).mask[:L]).astype(bool).tolist()
-    pieces_of_row = view.plan.row(row)
+    pieces_of_row = view.pieces(row)
     at = np.concatenate(([0], np.cumsum(pieces_of_row.length)[:-1]))
     doc_at = {int(a): int(d) for a, d, s in zip(at, pieces_of_row.doc, pieces_of_row.start) if s == 0 and a < L}
 

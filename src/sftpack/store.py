@@ -344,8 +344,9 @@ class StoreWriter:
         self._mask._f.flush()
         return self._mask.path
 
-    def commit(self, manifest: dict[str, Any]) -> Path:
-        """Finish the arrays, write the manifest last and move the store into place."""
+    def commit(self, manifest: dict[str, Any], check: Callable[[Path], object] | None = None) -> Path:
+        """Finish the arrays, write the manifest last and move the store into place.
+        `check(tmp)` runs on the finished store before it is published; raising aborts."""
         files = {}
         for appender in self._appenders:
             appender.close()
@@ -370,6 +371,8 @@ class StoreWriter:
             os.fsync(f.fileno())
         os.replace(tmp_manifest, self.tmp / MANIFEST)
         _fsync_dir(self.tmp)
+        if check is not None:
+            check(self.tmp)
         prepare_target(self.target)  # still empty or our own store: nothing was put there meanwhile
         old = None
         with _signals_deferred():  # Ctrl-C between the two renames would leave no store at the target

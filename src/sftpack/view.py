@@ -22,7 +22,7 @@ import numpy as np
 from .config import BuildOptions, make_options
 from .errors import ConfigError
 from .pack import IGNORE_INDEX, labels_from, mask_cross_document, position_ids, seq_lens
-from .plans import ConcatPlan, Plan, PlanError, plan_bfd, plan_concat
+from .plans import ConcatPlan, Plan, PlanError, Ranges, plan_bfd, plan_concat
 from .store import Store
 
 
@@ -64,12 +64,24 @@ class View:
         self.pad_id = int(pad if pad is not None else tok.get("eos_id") or 0)
         self.pad = options.pad is not False  # bfd: padded unless pad=False
         self.all_trained = bool(store.manifest["options"]["train_on_prompt"])
-        lengths = np.diff(np.asarray(store.doc_offsets, dtype=np.int64))
+        bfd = options.packing == "bfd"
+        # a bfd row's documents stand alone: each in the encoding it has at the start of a text,
+        # where the tokenizer's differs from its in-stream one (SentencePiece)
+        first = store.first_tokens is not None and bfd
+        self._docs: tuple[np.ndarray, np.ndarray, np.ndarray] = (
+            (store.first_tokens, store.first_mask, store.first_offsets)  # type: ignore[assignment]
+            if first
+            else (store.tokens, store.loss_mask, store.doc_offsets)
+        )
+        lengths = np.diff(np.asarray(self._docs[2], dtype=np.int64))
+        self._row_order: np.ndarray | None = None
         try:
-            if options.packing == "bfd":
+            if bfd:
                 counted = self._supervised_counts() if count_supervised else {}
                 self.plan: Plan | ConcatPlan = plan_bfd(lengths, self.seq_length, overflow=options.overflow, **counted)
                 self._first = -1
+                if options.shuffle and options.seed is not None:  # rows open longest first: serve them mixed
+                    self._row_order = np.random.default_rng(int(options.seed)).permutation(self.plan.rows)
             else:
                 self.plan, self._first = self._plan_concat(lengths, options)
         except PlanError as exc:
@@ -93,8 +105,8 @@ class View:
 
     def _supervised_counts(self) -> dict[str, Any]:
         """Per-document supervised tokens, and the counter of a document prefix, for plans."""
-        offsets = np.asarray(self.store.doc_offsets, np.int64)
-        mask = self.store.loss_mask
+        _, mask, offsets = self._docs
+        offsets = np.asarray(offsets, np.int64)
         before = _ones_before(mask, offsets)
 
         def prefix(doc: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -110,8 +122,13 @@ class View:
         if doc == self._first:  # the stream's first document, in its first-in-stream encoding
             at = int(s.first_offsets[doc]) + start  # type: ignore[index]
             return s.first_tokens[at : at + length], s.first_mask[at : at + length]  # type: ignore[index]
-        at = int(s.doc_offsets[doc]) + start
-        return s.tokens[at : at + length], s.loss_mask[at : at + length]
+        tokens, mask, offsets = self._docs
+        at = int(offsets[doc]) + start
+        return tokens[at : at + length], mask[at : at + length]
+
+    def pieces(self, index: int) -> Ranges:
+        """The stored token ranges of served row `index`."""
+        return self.plan.row(int(self._row_order[index]) if self._row_order is not None else index)
 
     def row(self, index: int) -> Row:
         if not 0 <= index < len(self):
@@ -121,7 +138,7 @@ class View:
             start, stop = plan.span(index)  # the stream is the stored tokens: one slice
             tokens, mask = self.store.tokens[start:stop], self.store.loss_mask[start:stop]
         else:
-            pieces = plan.row(index)
+            pieces = self.pieces(index)
             parts = [
                 self._read(d, a, n)
                 for d, a, n in zip(pieces.doc.tolist(), pieces.start.tolist(), pieces.length.tolist())
@@ -135,7 +152,7 @@ class View:
             hi = int(np.searchsorted(offsets, start + self.seq_length + 1, side="left"))
             starts = offsets[lo + 1 : hi] - start
             return Row(np.asarray(tokens, np.int64), np.asarray(mask), starts, offsets[lo] != start)
-        lengths = plan.row(index).length
+        lengths = pieces.length
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         return Row(np.asarray(tokens, np.int64), np.asarray(mask), starts, False)
 
@@ -209,7 +226,7 @@ class View:
             first = plan.doc == self._first
             counts = np.zeros(len(plan.doc), np.int64)
             for sel, mask, offsets in (
-                (~first, self.store.loss_mask, self.store.doc_offsets),
+                (~first, self._docs[1], self._docs[2]),
                 (first, self.store.first_mask, self.store.first_offsets),
             ):
                 if sel.any() and mask is not None:  # first_* exist wherever a piece reads them
