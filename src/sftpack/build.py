@@ -15,7 +15,6 @@ import json
 import os
 import queue
 import re
-import secrets
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ import numpy as np
 import xxhash
 
 from . import __version__
-from .config import BuildOptions
+from .config import BuildOptions, resolve_seed
 from .errors import ConfigError, SFTPackError, StoreError
 from .plans import PlanStats
 from .records import Inputs, Record, RecordReader, expand_inputs, fingerprint_inputs
@@ -139,15 +138,6 @@ def fingerprint(reader: RecordReader, tok: Tokenizer, template: Template, schema
         "options": opts.group("store"),
     }
     return xxhash.xxh3_128_hexdigest(json.dumps(parts, sort_keys=True).encode())
-
-
-def resolve_seed(options: BuildOptions) -> BuildOptions:
-    """A shuffle without a seed draws a fresh one (recorded); a seed without a shuffle means nothing."""
-    if options.shuffle and options.seed is None:
-        return replace(options, seed=secrets.randbits(63))
-    if not options.shuffle and options.seed is not None:
-        return replace(options, seed=None)
-    return options
 
 
 def build(

@@ -10,6 +10,7 @@ Three groups, by what a change costs (see ../shared/docs/design.md):
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
@@ -113,10 +114,14 @@ class BuildOptions:
                 )
         return out
 
-    def with_recorded(self, recorded: Mapping[str, Any]) -> BuildOptions:
-        """These options with every `None` plan/view value taken from `recorded`."""
-        known = {f.name for f in fields(self) if f.metadata["group"] in ("plan", "view")}
-        return replace(self, **{k: v for k, v in recorded.items() if k in known and getattr(self, k) is None})
+
+def resolve_seed(options: BuildOptions) -> BuildOptions:
+    """A shuffle without a seed draws a fresh one (recorded); a seed without a shuffle means nothing."""
+    if options.shuffle and options.seed is None:
+        return replace(options, seed=secrets.randbits(63))
+    if not options.shuffle and options.seed is not None:
+        return replace(options, seed=None)
+    return options
 
 
 def make_options(**given: Any) -> BuildOptions:

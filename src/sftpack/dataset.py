@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .build import BuildSummary, build, resolve_seed
-from .config import BuildOptions, make_options
+from .build import BuildSummary, build
+from .config import BuildOptions, make_options, resolve_seed
 from .errors import StoreError
 from .store import Store, open_store
 from .view import View, options_for

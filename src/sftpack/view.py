@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import BuildOptions, make_options
+from .config import BuildOptions, make_options, resolve_seed
 from .errors import ConfigError
 from .pack import IGNORE_INDEX, labels_from, mask_cross_document, position_ids, seq_lens
 from .plans import ConcatPlan, Plan, PlanError, Ranges, plan_bfd, plan_concat
@@ -34,8 +34,6 @@ def options_for(store: Store, **given: Any) -> BuildOptions:
     options = make_options(**{**recorded, **chosen})
     if chosen.get("shuffle") and "seed" not in chosen and not recorded["shuffle"]:
         options = replace(options, seed=None)
-    from .build import resolve_seed  # the one rule for seeds; build imports no torch
-
     return resolve_seed(options)
 
 
@@ -47,7 +45,6 @@ class Row:
     tokens: np.ndarray
     mask: np.ndarray
     starts: np.ndarray  # offsets inside the row where a document or piece starts
-    continues: bool  # concat: the row begins inside a document started in an earlier row
 
 
 class View:
@@ -151,10 +148,10 @@ class View:
             lo = int(np.searchsorted(offsets, start, side="right")) - 1
             hi = int(np.searchsorted(offsets, start + self.seq_length + 1, side="left"))
             starts = offsets[lo + 1 : hi] - start
-            return Row(np.asarray(tokens, np.int64), np.asarray(mask), starts, offsets[lo] != start)
+            return Row(np.asarray(tokens, np.int64), np.asarray(mask), starts)
         lengths = pieces.length
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        return Row(np.asarray(tokens, np.int64), np.asarray(mask), starts, False)
+        return Row(np.asarray(tokens, np.int64), np.asarray(mask), starts)
 
     def item(self, index: int) -> dict[str, np.ndarray]:
         """`input_ids`, `labels` (int64, labels[j] is the target of input j, -100 where
