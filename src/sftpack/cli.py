@@ -214,6 +214,9 @@ def _build(args: argparse.Namespace) -> int:
         )
     if not args.quiet:
         print("\n".join(summary.lines()))
+        report = _report(summary.path, options)
+        at = next((i for i, line in enumerate(report) if "document lengths" in line), len(report))
+        print("\n".join(report[at:]))  # the summary above has the rest of the report
     for line in _warnings(summary, caught, args):
         print(f"sftpack: warning: {line}", file=sys.stderr)
     return 0
@@ -238,20 +241,32 @@ def _warnings(summary: Any, caught: list[warnings.WarningMessage], args: argpars
     return list(dict.fromkeys(out))
 
 
+def _report(path: Any, options: Any) -> list[str]:
+    """The honest report of `options`' plan over the store at `path`."""
+    import numpy as np
+
+    from .report import report_lines
+    from .store import open_store
+    from .view import View
+
+    view = View(open_store(path), options, count_supervised=True)
+    lengths = np.diff(np.asarray(view.store.doc_offsets, dtype=np.int64))
+    return report_lines(view.plan.stats, lengths, pad=view.pad if options.packing == "bfd" else None)
+
+
 def _stats(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .config import option_fields
-    from .report import plot, report_lines, row_fill
+    from .report import plot, row_fill
     from .store import open_store
     from .view import View, options_for
 
     store = open_store(args.store)
     options = options_for(store, **{f.name: getattr(args, f.name) for f in option_fields("plan")})
-    view = View(store, options, count_supervised=True)
+    print("\n".join(_report(store.path, options)))
+    view = View(store, options)
     lengths = np.diff(np.asarray(store.doc_offsets, dtype=np.int64))
-    pad = view.pad if view.options.packing == "bfd" else None
-    print("\n".join(report_lines(view.plan.stats, lengths, pad=pad)))
     if args.plot:
         print(f"plot: {plot(view.plan.stats, lengths, row_fill(view.plan), args.plot)}")
     return 0

@@ -10,16 +10,18 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset
 
-from .build import BuildSummary, build
 from .config import BuildOptions, make_options, resolve_seed
 from .errors import StoreError
 from .store import Store, open_store
 from .view import View, options_for
+
+if TYPE_CHECKING:
+    from .build import BuildSummary
 
 
 class PackedSFTDataset(Dataset):
@@ -52,6 +54,8 @@ class PackedSFTDataset(Dataset):
             out: Path | None = Path(self._tmp.name) / "store"
         else:
             out = None
+        from .build import build  # only building imports the build pipeline: views never do
+
         self.summary: BuildSummary | None = build(
             dataset_path, out, opts, tokenizer, workers=workers, progress=False, cache_dir=cache_dir
         )
