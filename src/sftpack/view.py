@@ -14,7 +14,7 @@ reads each row's pieces from the memory-mapped arrays:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,13 +28,9 @@ from .store import Store
 
 def options_for(store: Store, **given: Any) -> BuildOptions:
     """The options to view `store` with: each given non-None value, else what the build
-    recorded. Asking to shuffle a store recorded unshuffled, without a seed, draws one."""
+    recorded (an unshuffled store records no seed: shuffling it without one draws one)."""
     recorded = {**store.manifest["plan"], **store.manifest["view"]}
-    chosen = {k: v for k, v in given.items() if v is not None}
-    options = make_options(**{**recorded, **chosen})
-    if chosen.get("shuffle") and "seed" not in chosen and not recorded["shuffle"]:
-        options = replace(options, seed=None)
-    return resolve_seed(options)
+    return resolve_seed(make_options(**{**recorded, **{k: v for k, v in given.items() if v is not None}}))
 
 
 @dataclass(frozen=True)
