@@ -35,7 +35,6 @@ from .plans import PlanStats
 from .records import Inputs, Record, RecordReader, expand_inputs, fingerprint_inputs
 from .store import (
     MANIFEST,
-    NPY_HEADER,
     VERSION,
     LockUnavailable,
     Store,
@@ -284,9 +283,7 @@ def _write_store(
     checked: list[BuildSummary] = []
     with StoreWriter(out, token_dtype(tok.vocab_size)) as writer:
         special_docs = _encode_all(reader, tok, schema, template, options, writer, progress)
-        mask_path = writer.loss_mask_path()
-        supervised = int(sum(int(np.count_nonzero(chunk)) for chunk in _chunks(mask_path, writer.n_tokens)))
-        if supervised == 0:
+        if writer.n_supervised == 0:
             raise ConfigError(
                 "no token of the dataset is supervised (every label is masked); check train_on_prompt and the template"
             )
@@ -308,7 +305,7 @@ def _write_store(
                 "counts": {
                     "documents": writer.n_docs,
                     "tokens": writer.n_tokens,
-                    "supervised_tokens": supervised,
+                    "supervised_tokens": writer.n_supervised,
                     "special_token_documents": special_docs,
                     "input_bytes": reader.total_bytes,
                 },
@@ -317,12 +314,6 @@ def _write_store(
         )
     checked[0].path = out
     return checked[0]
-
-
-def _chunks(path: Path, n: int, step: int = 1 << 22) -> Iterator[np.ndarray]:
-    """A flushed .npy array file read in bounded chunks (read, not mapped: RSS stays flat)."""
-    for lo in range(0, n, step):
-        yield np.fromfile(path, np.uint8, min(step, n - lo), offset=NPY_HEADER + lo)
 
 
 def _render(record: Record, schema: Schema, kind: str, template: Template) -> Rendered:

@@ -301,6 +301,7 @@ class StoreWriter:
         self._tokens, self._mask, self._offsets = self._arrays(ARRAYS, self.dtype)
         self.n_tokens = 0
         self.n_docs = 0
+        self.n_supervised = 0  # mask 1s, counted as they are written: no pass over the file after
         self._first: tuple[_Appender, _Appender, _Appender] | None = None
         self._first_tokens = 0
 
@@ -325,6 +326,7 @@ class StoreWriter:
         """Append whole document units (tokens and mask of equal length)."""
         self._tokens.append(tokens)
         self._mask.append(mask)
+        self.n_supervised += int(np.count_nonzero(mask))
         self._offsets.append(self.n_tokens + np.cumsum(unit_lengths, dtype=np.int64))
         self.n_tokens += int(len(tokens))
         self.n_docs += len(unit_lengths)
@@ -338,11 +340,6 @@ class StoreWriter:
         m.append(mask)
         o.append(self._first_tokens + np.cumsum(unit_lengths, dtype=np.int64))
         self._first_tokens += int(len(tokens))
-
-    def loss_mask_path(self) -> Path:
-        """The .npy file of the loss mask appended so far (flushed; data from `NPY_HEADER` on)."""
-        self._mask._f.flush()
-        return self._mask.path
 
     def commit(self, manifest: dict[str, Any], check: Callable[[Path], object] | None = None) -> Path:
         """Finish the arrays, write the manifest last and move the store into place.
@@ -362,15 +359,7 @@ class StoreWriter:
                 "xxh3_128": checksum(path),
             }
             del arr
-        manifest = {"format": FORMAT, "version": VERSION, **manifest, "files": files}
-        manifest["checksum"] = _manifest_checksum(manifest)
-        tmp_manifest = self.tmp / (MANIFEST + ".part")
-        with open(tmp_manifest, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_manifest, self.tmp / MANIFEST)
-        _fsync_dir(self.tmp)
+        _write_manifest(self.tmp, {"format": FORMAT, "version": VERSION, **manifest, "files": files})
         if check is not None:
             check(self.tmp)
         prepare_target(self.target)  # still empty or our own store: nothing was put there meanwhile
@@ -606,16 +595,19 @@ def _open_once(root: Path, verify: bool) -> Store:
 def record_defaults(path: Path, **sections: dict[str, Any]) -> None:
     """Replace sections of a complete store's manifest (the plan and view it opens with by
     default), atomically: the arrays and the fingerprint stay as they are."""
-    manifest = read_manifest(path)
-    manifest.update(sections)
+    _write_manifest(path, {**read_manifest(path), **sections})
+
+
+def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Checksum `manifest` and put it in `directory` atomically (written aside, fsynced, renamed)."""
     manifest["checksum"] = _manifest_checksum(manifest)
-    part = path / (MANIFEST + ".part")
+    part = directory / (MANIFEST + ".part")
     with open(part, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(part, path / MANIFEST)
-    _fsync_dir(path)
+    os.replace(part, directory / MANIFEST)
+    _fsync_dir(directory)
 
 
 def verify_store(path: str | os.PathLike) -> Store:
