@@ -242,3 +242,10 @@ def test_bfd_shuffle_mixes_the_row_order_and_huge_seq_lengths_are_refused(store)
     assert rows(open_packed(store, packing="bfd", seq_length=128, shuffle=True, seed=4)) == rows(mixed)
     with pytest.raises(ConfigError, match="seq_length"):
         open_packed(store, packing="bfd", seq_length=10**9)
+
+
+def test_quiet_build_still_warns_when_the_plan_loses_tokens(store, tmp_path, capsys):
+    assert main(["build", str(store.parent / "data.jsonl"), "--out", str(tmp_path / "q"), "--seq-length", "40",
+                 "--packing", "bfd", "--overflow", "truncate", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "sftpack: warning: the plan loses" in err

@@ -76,6 +76,7 @@ class BuildSummary:
     packing: str = "concat"
     plan: PlanStats | None = None
     pad: bool = True
+    special_tokens: str = "parse"
 
     @property
     def mb_per_s(self) -> float:
@@ -114,7 +115,14 @@ class BuildSummary:
         if self.rows_without_supervision:
             out.append(f"WARNING: {self.rows_without_supervision:,} rows have no supervised token")
         if self.special_token_documents:
-            out.append(f"WARNING: {self.special_token_documents:,} documents hold special-token strings in their text")
+            out.append(
+                f"WARNING: {self.special_token_documents:,} documents hold special-token strings in their text; "
+                + (
+                    "they were parsed as special tokens (an injection risk; --special-tokens text keeps them as text)"
+                    if self.special_tokens == "parse"
+                    else "they were encoded as plain text"
+                )
+            )
         if self.packing != "concat" and self.plan is not None and self.plan.tokens_lost:
             out.append(
                 f"WARNING: the plan loses {self.plan.tokens_lost:,} tokens "
@@ -265,6 +273,7 @@ def summarize(store: Store, options: BuildOptions, seconds: float, reused: bool)
         packing=options.packing,
         plan=stats,
         pad=view.pad,
+        special_tokens=options.special_tokens,
     )
 
 

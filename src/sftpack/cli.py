@@ -213,8 +213,13 @@ def _build(args: argparse.Namespace) -> int:
             force=args.force,
         )
     if not args.quiet:
+        from .report import report_lines
+        from .store import open_store
+        from .view import View
+
         print("\n".join(summary.lines()))
-        report = _report(summary.path, options)
+        view = View(open_store(summary.path), options)  # for the lengths: the summary holds the plan's counts
+        report = report_lines(summary.plan, view.lengths)  # type: ignore[arg-type]
         at = next((i for i, line in enumerate(report) if "document lengths" in line), len(report))
         print("\n".join(report[at:]))  # the summary above has the rest of the report
     for line in _warnings(summary, caught, args):
@@ -225,50 +230,24 @@ def _build(args: argparse.Namespace) -> int:
 def _warnings(summary: Any, caught: list[warnings.WarningMessage], args: argparse.Namespace) -> list[str]:
     """Warnings for stderr: the summary's WARNING lines when --quiet hides the summary (from its
     counts, so a reused store warns too), and any warning the summary does not hold, once."""
-    out = []
-    if args.quiet and summary.rows_without_supervision:
-        out.append(f"{summary.rows_without_supervision:,} rows have no supervised token")
-    if args.quiet and summary.special_token_documents:
-        out.append(
-            f"{summary.special_token_documents:,} documents hold special-token strings in their text; "
-            + (
-                "they were parsed as special tokens (an injection risk; --special-tokens text keeps them as text)"
-                if args.special_tokens == "parse"
-                else "they were encoded as plain text"
-            )
-        )
+    out = [w.removeprefix("WARNING: ") for w in summary.warnings()] if args.quiet else []
     out.extend(str(w.message) for w in caught if "special-token strings" not in str(w.message))
     return list(dict.fromkeys(out))
 
 
-def _report(path: Any, options: Any) -> list[str]:
-    """The honest report of `options`' plan over the store at `path`."""
-    import numpy as np
-
-    from .report import report_lines
-    from .store import open_store
-    from .view import View
-
-    view = View(open_store(path), options, count_supervised=True)
-    lengths = np.diff(np.asarray(view.store.doc_offsets, dtype=np.int64))
-    return report_lines(view.plan.stats, lengths, pad=view.pad if options.packing == "bfd" else None)
-
-
 def _stats(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .config import option_fields
-    from .report import plot, row_fill
+    from .report import plot, report_lines, row_fill
     from .store import open_store
     from .view import View, options_for
 
     store = open_store(args.store)
     options = options_for(store, **{f.name: getattr(args, f.name) for f in option_fields("plan")})
-    print("\n".join(_report(store.path, options)))
-    view = View(store, options)
-    lengths = np.diff(np.asarray(store.doc_offsets, dtype=np.int64))
+    view = View(store, options, count_supervised=True)
+    pad = view.pad if options.packing == "bfd" else None
+    print("\n".join(report_lines(view.plan.stats, view.lengths, pad=pad)))
     if args.plot:
-        print(f"plot: {plot(view.plan.stats, lengths, row_fill(view.plan), args.plot)}")
+        print(f"plot: {plot(view.plan.stats, view.lengths, row_fill(view.plan), args.plot)}")
     return 0
 
 

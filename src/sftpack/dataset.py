@@ -73,8 +73,7 @@ class PackedSFTDataset(Dataset):
         self.store, self.path, self.options = store, store.path, options
         self.view = View(store, options)
         self.seq_length = int(options.seq_length)
-        # what a worker that reopens the store by path must find again: the same tokens
-        self._identity = (store.fingerprint, {k: v["xxh3_128"] for k, v in store.manifest["files"].items()})
+        self._identity = _identity(store)
 
     def __len__(self) -> int:
         return len(self.view)
@@ -94,12 +93,18 @@ class PackedSFTDataset(Dataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         store = open_store(self.path)
-        if (store.fingerprint, {k: v["xxh3_128"] for k, v in store.manifest["files"].items()}) != self._identity:
+        if _identity(store) != self._identity:
             raise StoreError(
                 f"{self.path} was replaced by another build since this dataset opened it; "
                 "recreate the dataset (and its DataLoader) to serve the new store"
             )
         self._attach(store, self.options)
+
+
+def _identity(store: Store) -> tuple[str, dict[str, str]]:
+    """What a worker that reopens the store by path must find again: the same tokens (the
+    recorded plan defaults may change; they are not what the dataset serves)."""
+    return store.fingerprint, {k: v["xxh3_128"] for k, v in store.manifest["files"].items()}
 
 
 def open_packed(

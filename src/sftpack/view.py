@@ -66,7 +66,7 @@ class View:
             if first
             else (store.tokens, store.loss_mask, store.doc_offsets)
         )
-        lengths = np.diff(np.asarray(self._docs[2], dtype=np.int64))
+        self.lengths = lengths = np.diff(np.asarray(self._docs[2], dtype=np.int64))  # the planned documents
         self._row_order: np.ndarray | None = None
         try:
             if bfd:
