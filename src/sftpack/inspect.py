@@ -31,8 +31,8 @@ def render_row(path: str | os.PathLike, row: int, *, tokenizer: Any = None, colo
     except TokenizerError as exc:
         raise TokenizerError(f"{exc}; pass the tokenizer the store was built with (--tokenizer)") from None
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
-    ids = view.row(row).tokens[:L].tolist()
-    trained = np.asarray(view.row(row).mask[:L]).astype(bool).tolist()
+    tokens, mask = view.window(row)
+    ids, trained = tokens[:L].tolist(), mask[:L].astype(bool).tolist()
     pieces_of_row = view.pieces(row)
     at = np.concatenate(([0], np.cumsum(pieces_of_row.length)[:-1]))
     doc_at = {int(a): int(d) for a, d, s in zip(at, pieces_of_row.doc, pieces_of_row.start) if s == 0 and a < L}

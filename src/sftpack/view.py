@@ -14,7 +14,6 @@ reads each row's pieces from the memory-mapped arrays:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ import numpy as np
 from .config import BuildOptions, make_options, resolve_seed
 from .errors import ConfigError
 from .pack import IGNORE_INDEX, labels_from, mask_cross_document, position_ids, seq_lens
-from .plans import ConcatPlan, Plan, PlanError, Ranges, plan_bfd, plan_concat
+from .plans import ConcatPlan, Plan, PlanError, Ranges, document_order, plan_bfd, plan_concat
 from .store import Store
 
 
@@ -31,16 +30,6 @@ def options_for(store: Store, **given: Any) -> BuildOptions:
     recorded (an unshuffled store records no seed: shuffling it without one draws one)."""
     recorded = {**store.manifest["plan"], **store.manifest["view"]}
     return resolve_seed(make_options(**{**recorded, **{k: v for k, v in given.items() if v is not None}}))
-
-
-@dataclass(frozen=True)
-class Row:
-    """One row before label conventions: its tokens, their loss mask and where documents
-    (or pieces) start inside it. Concat rows hold L + 1 tokens (the last is only a label)."""
-
-    tokens: np.ndarray
-    mask: np.ndarray
-    starts: np.ndarray  # offsets inside the row where a document or piece starts
 
 
 class View:
@@ -85,16 +74,18 @@ class View:
         if options.shuffle and options.seed is None:
             raise ConfigError("a shuffled concat plan needs a seed")
         seed = int(options.seed) if options.shuffle and options.seed is not None else None
-        order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
+        order = document_order(n, seed)
         stream = lengths.copy()
-        first = int(order[0]) if n else -1
+        first = (0 if order is None else int(order[0])) if n else -1
         if self.store.first_offsets is not None and n:
             stream[first] = self.store.first_offsets[first + 1] - self.store.first_offsets[first]
         else:
             first = -1
-        if n:
-            stream[order[-1]] -= int(self.store.manifest["tokenizer"].get("eos_id") is not None)
-        return plan_concat(stream, self.seq_length, seed=seed), first
+        if n:  # the stream's last document gives no EOS: nothing follows it
+            stream[n - 1 if order is None else order[-1]] -= int(
+                self.store.manifest["tokenizer"].get("eos_id") is not None
+            )
+        return plan_concat(stream, self.seq_length, order=order), first
 
     def _supervised_counts(self) -> dict[str, Any]:
         """Per-document supervised tokens, and the counter of a document prefix, for plans."""
@@ -123,63 +114,51 @@ class View:
         """The stored token ranges of served row `index`."""
         return self.plan.row(int(self._row_order[index]) if self._row_order is not None else index)
 
-    def row(self, index: int) -> Row:
+    def window(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row `index`'s tokens (int64) and loss mask, before label conventions: concat rows
+        hold L + 1 tokens (the last is only a label), bfd rows their documents' tokens."""
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} out of range for a dataset of {len(self)} rows")
         plan = self.plan
         if isinstance(plan, ConcatPlan) and plan.order is None and self._first < 0:
             start, stop = plan.span(index)  # the stream is the stored tokens: one slice
-            tokens, mask = self.store.tokens[start:stop], self.store.loss_mask[start:stop]
-        else:
-            pieces = self.pieces(index)
-            parts = [
-                self._read(d, a, n)
-                for d, a, n in zip(pieces.doc.tolist(), pieces.start.tolist(), pieces.length.tolist())
-            ]
-            tokens = np.concatenate([p[0] for p in parts])
-            mask = np.concatenate([p[1] for p in parts])
-        if isinstance(plan, ConcatPlan):
-            start = index * self.seq_length
-            offsets = plan.offsets
-            lo = int(np.searchsorted(offsets, start, side="right")) - 1
-            hi = int(np.searchsorted(offsets, start + self.seq_length + 1, side="left"))
-            starts = offsets[lo + 1 : hi] - start
-            return Row(np.asarray(tokens, np.int64), np.asarray(mask), starts)
-        lengths = pieces.length
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        return Row(np.asarray(tokens, np.int64), np.asarray(mask), starts)
+            return np.asarray(self.store.tokens[start:stop], np.int64), np.asarray(self.store.loss_mask[start:stop])
+        pieces = self.pieces(index)
+        parts = [
+            self._read(d, a, n) for d, a, n in zip(pieces.doc.tolist(), pieces.start.tolist(), pieces.length.tolist())
+        ]
+        return np.concatenate([p[0] for p in parts]).astype(np.int64), np.concatenate([p[1] for p in parts])
 
     def item(self, index: int) -> dict[str, np.ndarray]:
         """`input_ids`, `labels` (int64, labels[j] is the target of input j, -100 where
         untrained), and with boundaries (always for bfd) `position_ids` and `seq_lens`."""
-        row = self.row(index)
+        tokens, mask = self.window(index)
         if isinstance(self.plan, ConcatPlan):
-            return self._concat_item(index, row)
-        return self._packed_item(row)
+            return self._concat_item(index, tokens, mask)
+        return self._packed_item(tokens, mask, self.pieces(index).length)
 
-    def _concat_item(self, index: int, row: Row) -> dict[str, np.ndarray]:
+    def _concat_item(self, index: int, tokens: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         L = self.seq_length
-        labels = labels_from(row.tokens, None if self.all_trained else row.mask)
+        labels = labels_from(tokens, None if self.all_trained else mask)
         starts = self.plan.offsets[:-1]  # type: ignore[union-attr]
         start = index * L
         if self.options.mask_cross_document:
             labels = mask_cross_document(labels, starts, start)
-        item = {"input_ids": row.tokens[:-1], "labels": labels}
+        item = {"input_ids": tokens[:-1], "labels": labels}
         if self.options.boundaries:
             item["position_ids"] = position_ids(starts, start, L)
             item["seq_lens"] = seq_lens(starts, start, L)
         return item
 
-    def _packed_item(self, row: Row) -> dict[str, np.ndarray]:
-        n, L = len(row.tokens), self.seq_length
-        lens = np.diff(np.append(row.starts, n))
+    def _packed_item(self, tokens: np.ndarray, mask: np.ndarray, lens: np.ndarray) -> dict[str, np.ndarray]:
+        n, L = len(tokens), self.seq_length
+        starts = np.cumsum(lens) - lens
         labels = np.full(n, IGNORE_INDEX, np.int64)
-        labels[:-1] = row.tokens[1:]
+        labels[:-1] = tokens[1:]
         if not self.all_trained:
-            labels[:-1][row.mask[1:] == 0] = IGNORE_INDEX
-        labels[row.starts + lens - 1] = IGNORE_INDEX  # a piece's last token predicts nothing in it
-        positions = np.arange(n, dtype=np.int64) - np.repeat(row.starts, lens)
-        tokens = row.tokens
+            labels[:-1][mask[1:] == 0] = IGNORE_INDEX
+        labels[starts + lens - 1] = IGNORE_INDEX  # a piece's last token predicts nothing in it
+        positions = np.arange(n, dtype=np.int64) - np.repeat(starts, lens)
         if self.pad and n < L:
             # padding is a segment of its own (positions 0.., labels -100): it attends to nothing real
             fill = L - n

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from .base import OVERFLOWS, AccountingError, Plan, PlanError, PlanStats, PrefixCounter, Ranges
 from .bfd import best_fit, plan_bfd
-from .concat import ConcatPlan, plan_concat, row_pieces, span_pieces, stream_offsets
+from .concat import ConcatPlan, document_order, plan_concat, row_pieces, span_pieces, stream_offsets
 
 #: strategy name -> planner(lengths, seq_length, **options)
 STRATEGIES: dict[str, Callable[..., Plan | ConcatPlan]] = {"concat": plan_concat, "bfd": plan_bfd}
@@ -35,6 +35,7 @@ def make_plan(strategy: str, lengths, seq_length: int, **options) -> Plan | Conc
 __all__ = [
     "AccountingError",
     "ConcatPlan",
+    "document_order",
     "OVERFLOWS",
     "Plan",
     "PlanError",

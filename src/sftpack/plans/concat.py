@@ -118,22 +118,33 @@ class ConcatPlan:
         )
 
 
+def document_order(n: int, seed: int | None) -> np.ndarray | None:
+    """The shuffle of `n` documents for `seed` (None: stored order): the reference's document
+    shuffle, as a permutation of stored documents."""
+    return None if seed is None else np.random.default_rng(seed).permutation(n).astype(np.int64)
+
+
 def plan_concat(
     lengths: np.ndarray,
     seq_length: int,
     *,
     seed: int | None = None,
+    order: np.ndarray | None = None,
     supervised: np.ndarray | None = None,
     supervised_prefix: PrefixCounter | None = None,
 ) -> ConcatPlan:
     """Concat-and-chunk over documents of `lengths` tokens (stored order, or shuffled with
-    `np.random.default_rng(seed).permutation(n)` when `seed` is given).
+    `np.random.default_rng(seed).permutation(n)` when `seed` is given; or in a given
+    `order`, that of `document_order(n, seed)` for a caller that needs it too).
 
     Raises `PlanError` when the stream cannot fill one row (it needs `seq_length + 1` tokens).
     """
     lengths = as_lengths(lengths, seq_length)
     L, n = int(seq_length), len(lengths)
-    order = None if seed is None else np.random.default_rng(seed).permutation(n).astype(np.int64)
+    if order is None:
+        order = document_order(n, seed)
+    else:
+        order = np.array(order, dtype=np.int64)
     offsets = stream_offsets(lengths, order)
     N = int(offsets[-1])
     R = num_rows(N, L)
