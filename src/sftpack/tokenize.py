@@ -128,7 +128,7 @@ def encode_documents(
             values.extend(vals)
             starts.extend(pos[:-1])
             ends.extend(part_ends)
-        as_text.extend([injected and not parse_specials] * (len(texts) - n_texts))
+        as_text.extend([keep_text] * (len(texts) - n_texts))
         if eos is not None:
             add(_ID, eos, len(text), -1)
         items_per_doc.append(len(kinds) - first_item)
