@@ -173,6 +173,11 @@ def test_inside_torchdata_stateful_dataloader(ds, workers):
         tail = list(resumed)
         same(head + tail, reference[:per_epoch])
         same(list(resumed), reference[per_epoch:])
+    finished = loader()
+    list(finished)
+    resumed = loader()
+    resumed.load_state_dict(finished.state_dict())  # saved after the pass ended: the next epoch follows
+    same(list(resumed), reference[per_epoch:])
 
 
 def _free_port() -> int:
