@@ -100,6 +100,21 @@ class PackedSFTDataset(Dataset):
             )
         self._attach(store, self.options)
 
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides the rows and their order: the store's fingerprint and the plan options
+        that matter to it. Loader states carry it and refuse to resume over another."""
+        o, bfd = self.options, self.options.packing == "bfd"
+        return {
+            "store": self.store.fingerprint,
+            "seq_length": int(o.seq_length),
+            "packing": o.packing,
+            "overflow": o.overflow if bfd else None,
+            "pad": (o.pad is not False) if bfd else None,
+            "shuffle": bool(o.shuffle),
+            "seed": o.seed if o.shuffle else None,
+        }
+
 
 def _identity(store: Store) -> tuple[str, dict[str, str]]:
     """What a worker that reopens the store by path must find again: the same tokens (the

@@ -1,14 +1,17 @@
-"""Batching: `iterate_batches` (the reference API) and collate functions."""
+"""Batching: `iterate_batches` (sharded, deterministic, resumable batches) and collate functions."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import ConfigError
 from .pack import IGNORE_INDEX, cu_seqlens
+from .sampling import Schedule, StatefulBatchSampler, fingerprint_of
 
 
 def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor] | int]:
@@ -63,7 +66,143 @@ def collate_flattened(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, tor
     }
 
 
-def iterate_batches(dataset: Dataset, batch_size: int, shuffle: bool, **loader_kwargs) -> DataLoader:
-    """A DataLoader of dicts of (B, L) int64 tensors; `len()` is ceil(len(dataset) / batch_size)."""
-    loader_kwargs.setdefault("collate_fn", collate)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **loader_kwargs)
+class Batches:
+    """This rank's batches of `dataset`, epoch after epoch, resumable (see `iterate_batches`).
+
+    A torch `DataLoader` (built once, so `persistent_workers` persist) fetches the rows the
+    schedule picks; the position counts the batches handed to the caller, not those its workers
+    prefetched. A pass left early is continued by the next one.
+    """
+
+    def __init__(
+        self, dataset: Dataset, sampler: StatefulBatchSampler, collate_fn: Any, loader_kwargs: dict[str, Any]
+    ) -> None:
+        self.dataset, self.sampler = dataset, sampler
+        self.loader = DataLoader(dataset, batch_sampler=_Feed(sampler), collate_fn=collate_fn, **loader_kwargs)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch on this rank (a resumed pass serves the rest of them)."""
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler, epoch = self.sampler, self.sampler.epoch
+        for batch in self.loader:
+            if sampler.epoch != epoch:
+                raise ConfigError(
+                    "set_epoch or load_state_dict was called during a pass over the batches: call it between passes"
+                )
+            sampler.step += 1
+            yield batch
+        sampler.finish(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Serve epoch `epoch` next, from its start; the current epoch keeps its position (so
+        `loader.set_epoch(e)` at the top of a training loop is safe after a resume)."""
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader stands: a small JSON-serialisable dict, the same on every rank."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`: the next batch is the one an uninterrupted run would serve
+        next. Refused (ConfigError) over another dataset, seed, shuffle or global batch size."""
+        self.sampler.load_state_dict(state)
+
+
+class _Feed:
+    """The DataLoader's batch sampler: one pass from the sampler's position, leaving the
+    position to `Batches`, which counts what it hands out (workers read ahead)."""
+
+    def __init__(self, sampler: StatefulBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self.sampler.schedule.batches(self.sampler.epoch, self.sampler.step)
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    """torch.distributed's (rank, world size) when a process group is initialised, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def batch_sampler(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    *,
+    seed: int = 0,
+    drop_last: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> StatefulBatchSampler:
+    """The batch sampler `iterate_batches` serves from, for a DataLoader of your own, e.g.
+    torchdata's `StatefulDataLoader(ds, batch_sampler=batch_sampler(ds, 8, True),
+    collate_fn=sftpack.collate)`, whose state then carries the sampler's. Same arguments."""
+    if rank is None or world_size is None:
+        dist_rank, dist_world = distributed_rank_world()
+        if world_size is None:
+            world_size = dist_world
+        if rank is None:
+            if dist_world != world_size:
+                raise ConfigError(f"world_size={world_size} was given without rank=: pass rank= too")
+            rank = dist_rank
+    rows = len(dataset)  # type: ignore[arg-type]
+    schedule = Schedule(
+        rows=rows,
+        batch_size=batch_size,
+        world_size=world_size,
+        rank=rank,
+        shuffle=bool(shuffle),
+        seed=seed,
+        drop_last=bool(drop_last),
+    )
+    return StatefulBatchSampler(schedule, fingerprint_of(dataset, rows))
+
+
+def iterate_batches(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    *,
+    seed: int = 0,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    collate_fn: Any = None,
+    **loader_kwargs: Any,
+) -> Batches:
+    """Batches of `dataset` (dicts of (B, L) int64 tensors with the default `collate`) for one
+    rank of a training job, deterministic and resumable.
+
+    Epoch e serves the rows in an order drawn from `(seed, e)` (shuffled) or in order; global
+    step k takes the next `batch_size * world_size` rows and this rank the `rank`-th
+    `batch_size` of them (`sftpack.sampling` has the rules, tail included). `rank` and
+    `world_size` default to torch.distributed's when it is initialised, else 0 and 1. On one
+    process `len()` is ceil(rows / batch_size), the last batch short unless `drop_last`; over
+    several every rank gets the same number of batches, the last global batch completed by
+    repeating rows from the start of the order (`drop_last=True`: dropped instead).
+    `set_epoch(e)`, `state_dict()` and `load_state_dict(state)` make a restarted (or resized,
+    same global batch) job continue the row stream exactly. Other keyword arguments go to
+    torch's DataLoader (`pin_memory`, `persistent_workers`, `multiprocessing_context`, ...).
+    """
+    for key in ("sampler", "batch_sampler"):
+        if key in loader_kwargs:
+            raise ConfigError(f"iterate_batches picks the rows itself: drop the DataLoader argument {key}=")
+    sampler = batch_sampler(
+        dataset, batch_size, shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
+    )
+    kwargs = {"num_workers": num_workers, **loader_kwargs}
+    return Batches(dataset, sampler, collate if collate_fn is None else collate_fn, kwargs)
