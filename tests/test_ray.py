@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_shuffle_and_tokenize import sp_tokenizer  # noqa: F401  (a SentencePiece tokenizer trained offline)
 
 from sftpack import InputError
 from sftpack.build import build
 from sftpack.config import BuildOptions
 from sftpack.store import open_store
-from test_shuffle_and_tokenize import sp_tokenizer  # noqa: F401  (a SentencePiece tokenizer trained offline)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample.jsonl"
@@ -124,9 +124,7 @@ def test_generated_chat_corpus_is_byte_identical_under_a_shuffled_bfd_plan(
     ray_local, shards, tmp_path, corpus, monkeypatch
 ):
     monkeypatch.setattr("sftpack.distributed.SHARD_BYTES", 12000)
-    options = BuildOptions(
-        seq_length=128, template="chat", train_on_prompt=False, packing="bfd", shuffle=True, seed=3
-    )
+    options = BuildOptions(seq_length=128, template="chat", train_on_prompt=False, packing="bfd", shuffle=True, seed=3)
     local, ray = both(tmp_path, corpus, options)
     assert len(shards[0]) > len(corpus)  # files and byte ranges
     same_store(local, ray)
@@ -135,7 +133,7 @@ def test_generated_chat_corpus_is_byte_identical_under_a_shuffled_bfd_plan(
     assert same_rows(local, ray, BuildOptions(seq_length=50)) > rows  # and under another plan
 
 
-def test_a_tokenizer_with_first_in_stream_variants(ray_local, shards, tmp_path, sp_tokenizer):
+def test_a_tokenizer_with_first_in_stream_variants(ray_local, shards, tmp_path, sp_tokenizer):  # noqa: F811
     options = BuildOptions(seq_length=64)
     local, ray = both(tmp_path, SAMPLE, options, tokenizer=sp_tokenizer)
     assert (local / "first_tokens.npy").is_file()
