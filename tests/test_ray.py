@@ -247,3 +247,13 @@ def test_import_and_a_local_build_never_import_ray(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert (tmp_path / "s" / "manifest.json").is_file()
+
+
+def test_packed_dataset_takes_engine_ray(ray_local, shards):
+    from sftpack import PackedSFTDataset
+
+    local = PackedSFTDataset(None, SAMPLE, 48, packing="bfd")
+    ray = PackedSFTDataset(None, SAMPLE, 48, packing="bfd", engine="ray")
+    assert len(ray) == len(local) > 1
+    for i in range(len(local)):
+        assert all(local[i][k].equal(ray[i][k]) for k in local[i])

@@ -316,7 +316,7 @@ def _write_store(
             bar = _progress_bar(reader.total_bytes, progress)
             try:
                 on_batch = None if bar is None else lambda: bar.update(reader.bytes_read - bar.n)
-                special_docs = encode_records(reader, tok, schema, template, options, writer, on_batch=on_batch)
+                special_docs = _encode_all(reader, tok, schema, template, options, writer, on_batch=on_batch)
             finally:
                 if bar is not None:
                     bar.close()
@@ -439,7 +439,7 @@ def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         stop.set()
 
 
-def encode_records(
+def _encode_all(
     stream: Iterable[Record],
     tok: Tokenizer,
     schema: Schema,

@@ -4,7 +4,7 @@
    cut into byte ranges of about `SHARD_BYTES` that begin at line starts (a few bytes are
    read at each cut, never the file); any other file is one shard.
 2. Map (Ray Data, one task per shard, retried by Ray on a lost worker): the local build's
-   own stages (`RecordReader`, `encode_records`: render, encode, id checks) write the shard
+   own stages (`RecordReader`, `_encode_all`: render, encode, id checks) write the shard
    as a small store of its own (`StoreWriter`: tokens, mask, offsets, the first-in-stream
    arrays where the tokenizer needs them, checksums, and a manifest naming the build
    fingerprint and the shard's range) in a staging directory beside the target.
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from . import errors
+from . import __version__, errors
 from .config import BuildOptions
 from .errors import ConfigError, InputError, SFTPackError, TokenizerError
 from .records import RecordReader, _format_of
@@ -68,6 +68,7 @@ class _Job:
     tokenizer_fingerprint: str
     options: BuildOptions
     kind: str
+    version: str = __version__  # workers run their own sftpack: it must be this one
 
 
 def plan_shards(reader: RecordReader, shard_bytes: int | None = None) -> list[dict[str, Any]]:
@@ -130,7 +131,7 @@ def encode_on_ray(
     progress: bool | None,
 ) -> int:
     """Fill `writer` as the local build would, with the work done by Ray tasks; returns the
-    count of documents holding special-token strings (see `build.encode_records`)."""
+    count of documents holding special-token strings (see `build._encode_all`)."""
     try:
         import ray
     except ImportError:
@@ -149,7 +150,11 @@ def encode_on_ray(
     Path(job.staging).mkdir(exist_ok=True)
     started = not ray.is_initialized()
     if started:
-        ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=False)
+        where = options.ray_address or os.environ.get("RAY_ADDRESS")
+        try:
+            ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"cannot start or join Ray at {where or 'this machine'}: {exc}") from None
     try:
         results = _run(ray, job, shards, _progress_bar(reader.total_bytes, progress))
         bad = next((r for r in results if r["error"]), None)
@@ -289,8 +294,10 @@ def _verified(path: Path, job: _Job, shard: dict[str, Any]) -> Store | None:
 
 
 def _write_shard(path: Path, job: _Job, shard: dict[str, Any]) -> Store:
-    from .build import encode_records, manifest, schema_and_template
+    from .build import _encode_all, manifest, schema_and_template
 
+    if job.version != __version__:
+        raise ConfigError(f"a Ray worker runs sftpack {__version__}, the driver {job.version}: install one everywhere")
     tok = _TOKENIZERS.get(job.tokenizer_fingerprint)
     if tok is None:
         tok = load_tokenizer(job.tokenizer, threads=1)
@@ -307,7 +314,7 @@ def _write_shard(path: Path, job: _Job, shard: dict[str, Any]) -> Store:
         raise InputError(source, None, "the file changed since the build began; rerun once it is complete")
     records = reader.read_range(0, shard["start"], shard["length"]) if shard["ranged"] else iter(reader)
     with StoreWriter(path, token_dtype(tok.vocab_size)) as writer:
-        special = encode_records(records, tok, schema, template, job.options, writer, kind=job.kind)
+        special = _encode_all(records, tok, schema, template, job.options, writer, kind=job.kind)
         made = manifest(job.fingerprint, tok, job.options, writer, special, shard["length"])
         writer.commit({**made, "shard": _shard_key(shard)})
     return open_store(path)
