@@ -1,6 +1,7 @@
 """engine="ray": the same store, byte for byte, as the local build; faults; no ray import on the local path.
 
-Ray starts once for the module, on loopback with two CPUs (about 7 s of the file's time)."""
+Ray starts once for the module, on loopback with two CPUs (7-12 s here), and its first tasks
+start the workers (about as long again)."""
 
 from __future__ import annotations
 
@@ -149,7 +150,8 @@ def _with_bad_line(folder: Path, at: int) -> tuple[Path, int]:
     return path, at + 1
 
 
-def test_an_error_in_a_later_range_names_the_file_and_line_as_the_local_build(ray_local, shards, tmp_path):
+def test_an_error_in_a_later_range_names_the_file_and_line_as_the_local_build(ray_local, shards, tmp_path, monkeypatch):
+    monkeypatch.setattr("sftpack.distributed.SHARD_BYTES", 6000)
     path, line = _with_bad_line(tmp_path, 80)
     options = BuildOptions(seq_length=64, template="chat")
     with pytest.raises(InputError) as local:
