@@ -161,6 +161,14 @@ def test_an_error_in_a_later_range_names_the_file_and_line_as_the_local_build(ra
     assert str(ray.value) == str(local.value) and f"{path}:{line}:" in str(ray.value)
     assert shards[0][-1]["error"] == "InputError" and shards[0][-1]["index"] > 0
 
+    blank = tmp_path / "a-blank.jsonl"  # cut into ranges, none with a document: it fails first
+    blank.write_text("\n" * 13000)
+    with pytest.raises(InputError) as local:
+        build([blank, path], tmp_path / "local", options, progress=False)
+    with pytest.raises(InputError) as ray:
+        build([blank, path], tmp_path / "ray", BuildOptions(seq_length=64, template="chat", engine="ray"))
+    assert str(ray.value) == str(local.value) == f"{blank}: the file holds no documents (it is empty or blank)"
+
 
 class _Killed(KeyboardInterrupt):
     pass

@@ -157,19 +157,20 @@ def encode_on_ray(
             raise ConfigError(f"cannot start or join Ray at {where or 'this machine'}: {exc}") from None
     try:
         results = _run(ray, job, shards, _progress_bar(reader.total_bytes, progress))
-        bad = next((r for r in results if r["error"]), None)
-        if bad is not None:
-            raise _error(bad, shards[bad["index"]], reader)
-        for i, path in enumerate(reader.paths):
-            if not any(r["documents"] for r, s in zip(results, shards) if s["file"] == i):
-                raise InputError(path, None, "the file holds no documents (it is empty or blank)")
-        special_docs = 0
-        for shard, result in zip(shards, results):
-            _append(writer, open_store(_shard_path(job, shard)))
-            special_docs += result["special_docs"]
     finally:
         if started:
             ray.shutdown()
+    documents = 0  # of the current file
+    for shard, result in zip(shards, results):  # the first error in input order, as the local build meets it
+        if result["error"]:
+            raise _error(result, shard, reader)
+        documents = (documents if shard["start"] else 0) + result["documents"]
+        if shard["start"] + shard["length"] == shard["size"] and documents == 0:
+            raise InputError(reader.paths[shard["file"]], None, "the file holds no documents (it is empty or blank)")
+    special_docs = 0
+    for shard, result in zip(shards, results):
+        _append(writer, open_store(_shard_path(job, shard)))
+        special_docs += result["special_docs"]
     _remove_tree(Path(job.staging))  # every shard is in the writer; a leftover is cleaned by the next build
     return special_docs
 
