@@ -267,3 +267,16 @@ def test_packed_dataset_takes_engine_ray(ray_local, shards):
     assert len(ray) == len(local) > 1
     for i in range(len(local)):
         assert all(local[i][k].equal(ray[i][k]) for k in local[i])
+
+
+def test_a_cache_dir_build_reuses_its_shards_after_a_killed_driver(ray_local, shards, tmp_path, monkeypatch):
+    import sftpack.distributed as d
+
+    options = BuildOptions(seq_length=64, engine="ray")
+    with monkeypatch.context() as m:
+        m.setattr(d, "_append", lambda *a: (_ for _ in ()).throw(_Killed()))
+        with pytest.raises(_Killed):
+            build(SAMPLE, None, options, cache_dir=tmp_path)
+    summary = build(SAMPLE, None, options, cache_dir=tmp_path)  # the cache's sweep keeps this build's shards
+    assert [r["reused"] for r in shards[1]] == [True] * len(shards[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [summary.path.name]

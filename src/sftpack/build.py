@@ -174,7 +174,7 @@ def build(
     reader = RecordReader(paths)  # records each file's size and mtime: the fingerprint and the read must agree
     fp = fingerprint(reader, tok, template, schema, options)
     if out is None:
-        sweep(Path(cache_dir))  # type: ignore[arg-type]
+        sweep(Path(cache_dir), keep=_staging(Path(cache_dir) / fp, fp, options))  # type: ignore[arg-type]
         out = prepare_target(Path(cache_dir) / fp)  # type: ignore[arg-type]
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

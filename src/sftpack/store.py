@@ -171,10 +171,10 @@ def target_lock(target: Path, on_wait: Callable[[], None] | None = None, *, wait
         os.close(fd)
 
 
-def sweep(directory: Path) -> None:
+def sweep(directory: Path, keep: Path | None = None) -> None:
     """Clean what killed builds left in `directory` (a cache) for any target no build holds:
     a cache entry whose inputs changed is never built again, so its own next build would
-    never clean it."""
+    never clean it. `keep`: as for `clean_stale`."""
     names = set()
     for entry in directory.iterdir() if directory.is_dir() else ():
         for mark in (".tmp-", ".old-"):
@@ -184,7 +184,7 @@ def sweep(directory: Path) -> None:
         try:
             with target_lock(directory / name, wait=False) as held:
                 if held:
-                    clean_stale(directory / name)
+                    clean_stale(directory / name, keep=keep)
         except LockUnavailable:
             return
 
