@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -170,24 +170,16 @@ def build(
         out = prepare_target(out)  # refused before any work: only an empty dir or our own store is replaced
     paths = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer, threads=workers)
-    schema = Schema(options.schema, options.fields)
-    template = make_template(
-        options.template,
-        chat_template=tok.chat_template,
-        bos_token=tok.bos_token,
-        eos_token=tok.eos_token,
-        special_tokens=list(tok.special_tokens),
-        last_turn_only=options.last_turn_only,
-    )
+    schema, template = schema_and_template(options, tok)
     reader = RecordReader(paths)  # records each file's size and mtime: the fingerprint and the read must agree
     fp = fingerprint(reader, tok, template, schema, options)
     if out is None:
-        sweep(Path(cache_dir))  # type: ignore[arg-type]
+        sweep(Path(cache_dir), keep=_staging(Path(cache_dir) / fp, fp, options))  # type: ignore[arg-type]
         out = prepare_target(Path(cache_dir) / fp)  # type: ignore[arg-type]
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with target_lock(out, on_wait=lambda: _waiting(out)):
-            clean_stale(out)
+            clean_stale(out, keep=_staging(out, fp, options))
             store = None if force else _up_to_date(out, fp)
             if store is not None:
                 summary = summarize(store, options, 0.0, reused=True)  # a plan that fails changes nothing
@@ -195,7 +187,7 @@ def build(
                     # the same tokens, opened by default with this build's plan from now on: no re-tokenizing
                     record_defaults(out, **_recorded_of(options))
             else:
-                summary = _write_store(reader, out, fp, tok, schema, template, options, progress)
+                summary = _write_store(reader, out, fp, tok, schema, template, options, progress, tokenizer)
     except LockUnavailable as exc:
         # a read-only cache or store: an up-to-date store there is still served, as built
         store = None if force else _up_to_date(out, fp)
@@ -219,6 +211,29 @@ def build(
                 stacklevel=2,
             )
     return summary
+
+
+def schema_and_template(options: BuildOptions, tok: Tokenizer) -> tuple[Schema, Template]:
+    """The schema and template `options` name, for `tok` (every engine's workers make them so)."""
+    schema = Schema(options.schema, options.fields)
+    template = make_template(
+        options.template,
+        chat_template=tok.chat_template,
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        special_tokens=list(tok.special_tokens),
+        last_turn_only=options.last_turn_only,
+    )
+    return schema, template
+
+
+def _staging(out: Path, fp: str, options: BuildOptions) -> Path | None:
+    """The shards a Ray build of `fp` may reuse (checked one by one before reuse)."""
+    if options.engine != "ray":
+        return None
+    from .distributed import staging_dir
+
+    return staging_dir(out, fp)
 
 
 def _up_to_date(out: Path, fp: str) -> Store | None:
@@ -286,43 +301,63 @@ def _write_store(
     template: Template,
     options: BuildOptions,
     progress: bool | None,
+    tokenizer: Any = None,
 ) -> BuildSummary:
     """Write the store, and summarize it as `options` plan it before it is published: a
-    plan that cannot be made leaves the previous store (or nothing) in place."""
+    plan that cannot be made leaves the previous store (or nothing) in place. The engine
+    fills the writer; `tokenizer` (the caller's form of it) is what Ray workers load."""
     checked: list[BuildSummary] = []
     with StoreWriter(out, token_dtype(tok.vocab_size)) as writer:
-        special_docs = _encode_all(reader, tok, schema, template, options, writer, progress)
+        if options.engine == "ray":
+            from .distributed import encode_on_ray  # only a Ray build imports ray
+
+            special_docs = encode_on_ray(reader, out, fp, tok, tokenizer, schema, options, writer, progress)
+        else:
+            bar = _progress_bar(reader.total_bytes, progress)
+            try:
+                on_batch = None if bar is None else lambda: bar.update(reader.bytes_read - bar.n)
+                special_docs = _encode_all(reader, tok, schema, template, options, writer, on_batch=on_batch)
+            finally:
+                if bar is not None:
+                    bar.close()
         if writer.n_supervised == 0:
             raise ConfigError(
                 "no token of the dataset is supervised (every label is masked); check train_on_prompt and the template"
             )
         writer.commit(
-            {
-                "fingerprint": fp,
-                "created_by": f"sftpack {__version__}",
-                "options": options.group("store"),
-                "plan": options.group("plan"),
-                "view": options.group("view"),
-                "tokenizer": {
-                    "name": tok.name,
-                    "vocab_size": tok.vocab_size,
-                    "bos_id": tok.bos_id,
-                    "eos_id": tok.eos_id,
-                    "pad_id": tok.pad_id,
-                    "adds_bos": tok.adds_bos,
-                },
-                "counts": {
-                    "documents": writer.n_docs,
-                    "tokens": writer.n_tokens,
-                    "supervised_tokens": writer.n_supervised,
-                    "special_token_documents": special_docs,
-                    "input_bytes": reader.total_bytes,
-                },
-            },
+            manifest(fp, tok, options, writer, special_docs, reader.total_bytes),
             check=lambda tmp: checked.append(summarize(open_store(tmp), options, 0.0, reused=False)),
         )
     checked[0].path = out
     return checked[0]
+
+
+def manifest(
+    fp: str, tok: Tokenizer, options: BuildOptions, writer: StoreWriter, special_docs: int, input_bytes: int
+) -> dict[str, Any]:
+    """The manifest of what `writer` holds (a store, or a distributed build's shard)."""
+    return {
+        "fingerprint": fp,
+        "created_by": f"sftpack {__version__}",
+        "options": options.group("store"),
+        "plan": options.group("plan"),
+        "view": options.group("view"),
+        "tokenizer": {
+            "name": tok.name,
+            "vocab_size": tok.vocab_size,
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
+            "pad_id": tok.pad_id,
+            "adds_bos": tok.adds_bos,
+        },
+        "counts": {
+            "documents": writer.n_docs,
+            "tokens": writer.n_tokens,
+            "supervised_tokens": writer.n_supervised,
+            "special_token_documents": special_docs,
+            "input_bytes": input_bytes,
+        },
+    }
 
 
 def _render(record: Record, schema: Schema, kind: str, template: Template) -> Rendered:
@@ -342,13 +377,17 @@ def _check_encodable(records: list[Record], docs: list[Rendered]) -> None:
 
 
 def _batches(
-    reader: RecordReader, schema: Schema, template: Template, specials: re.Pattern[str] | None
+    reader: Iterable[Record],
+    schema: Schema,
+    template: Template,
+    specials: re.Pattern[str] | None,
+    kind: str | None = None,
 ) -> Iterator[tuple[list[Record], list[Rendered], bool]]:
-    """Batches of (records, rendered documents, whether any holds a special-token string)."""
+    """Batches of (records, rendered documents, whether any holds a special-token string).
+    `kind`: the schema kind (default: detected on the first record)."""
     records: list[Record] = []
     docs: list[Rendered] = []
     size = 0
-    kind = None
     has_specials = False
     for record in reader:
         if kind is None:
@@ -401,18 +440,20 @@ def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 
 def _encode_all(
-    reader: RecordReader,
+    stream: Iterable[Record],
     tok: Tokenizer,
     schema: Schema,
     template: Template,
     opts: BuildOptions,
     writer: StoreWriter,
-    progress: bool | None,
+    *,
+    kind: str | None = None,
+    on_batch: Callable[[], object] | None = None,
 ) -> int:
     """Read and render in one thread, encode in this one (the tokenizer's threads do the
     work), check ids and append to the store in a third, in order, at most two batches behind.
+    Every engine's stage: the local build runs it on all records, a Ray task on one shard's.
     Returns how many documents hold special-token strings in their user content."""
-    bar = _progress_bar(reader.total_bytes, progress)
     special_docs = 0
     first_batch = True
     pending: collections.deque[Future[None]] = collections.deque()
@@ -426,7 +467,7 @@ def _encode_all(
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftpack-write") as write:
         try:
-            for records, docs, has_specials in _prefetch(_batches(reader, schema, template, tok.special_pattern)):
+            for records, docs, has_specials in _prefetch(_batches(stream, schema, template, tok.special_pattern, kind)):
                 try:
                     if first_batch and isinstance(tok, AcceleratedTokenizer):
                         tok.check_sample([d.text for d in docs[:SAMPLE_DOCS]])
@@ -452,15 +493,13 @@ def _encode_all(
                 pending.append(write.submit(store, batch, first, records))
                 while len(pending) > 2:
                     pending.popleft().result()
-                if bar is not None:
-                    bar.update(reader.bytes_read - bar.n)
+                if on_batch is not None:
+                    on_batch()
             while pending:
                 pending.popleft().result()
         finally:
             for future in pending:
                 future.cancel()
-            if bar is not None:
-                bar.close()
     return special_docs
 
 

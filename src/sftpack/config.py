@@ -6,6 +6,8 @@ Three groups, by what a change costs (see ../shared/docs/design.md):
 - `plan`: decides which stored tokens make each row. Chosen when a dataset is opened;
   a change re-plans from document lengths, never re-tokenizes.
 - `view`: decides how a row is served (extra keys, label masking). Free to change.
+- `run`: decides how a build runs (`engine`, `ray_address`), never what it makes: in no
+  fingerprint, not recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .errors import ConfigError
 PACKINGS = ("concat", "bfd")
 OVERFLOWS = ("split", "truncate", "drop")
 SPECIAL_TOKENS = ("parse", "text")
+ENGINES = ("local", "ray")
 MAX_SEQ_LENGTH = 1 << 24  # 16M tokens a row: far past any model; bfd plans and padded rows cost O(seq_length)
 
 
@@ -83,6 +86,15 @@ class BuildOptions:
     )
     boundaries: bool = _opt("view", "rows carry position_ids and seq_lens", False)
     mask_cross_document: bool = _opt("view", "mask labels that cross into the next document", False)
+    engine: str = _opt(
+        "run",
+        "local: this machine; ray: a Ray cluster (pip install sftpack[ray]), the same store",
+        "local",
+        choices=ENGINES,
+    )
+    ray_address: str | None = _opt(
+        "run", "with --engine ray: the cluster to join (default: $RAY_ADDRESS, else a local Ray)", None
+    )
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the option and its valid values."""
@@ -99,6 +111,8 @@ class BuildOptions:
         for name in ("shuffle", "train_on_prompt", "last_turn_only", "boundaries", "mask_cross_document"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or self.engine != "ray"):
+            raise ConfigError(f"ray_address={self.ray_address!r} needs engine='ray' and a string address")
         from .templates import Schema
 
         Schema(self.schema, self.fields)

@@ -214,11 +214,28 @@ class RecordReader:
             if count == 0:
                 raise InputError(path, None, "the file holds no documents (it is empty or blank)")
 
-    def _jsonl(self, path: Path, fmt: str) -> Iterator[Record]:
+    def read_range(self, index: int, start: int, length: int) -> Iterator[Record]:
+        """The records of bytes `[start, start + length)` of plain JSONL file `index`, a range
+        that begins and ends at line starts (a shard of a distributed build). Lines are
+        numbered from the range's first line as 1: the caller adds the lines before it."""
+        path = self.paths[index]
+        if _format_of(path) != ".jsonl":
+            raise ConfigError(f"{path}: only plain .jsonl files are read by byte ranges")
+        try:
+            yield from self._jsonl(path, ".jsonl", start, length)
+            after = _stamp(path.stat())
+        except OSError as exc:
+            raise InputError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
+        _check_unchanged(path, self.stamps[index], after)
+
+    def _jsonl(self, path: Path, fmt: str, start: int = 0, length: int | None = None) -> Iterator[Record]:
         source = str(path)
         lineno = 0
         with _open(path) as raw:
             self._raw = raw
+            if start:
+                raw.seek(start)
+            left = length  # bytes of the range not read yet (None: to the end)
             stream: BinaryIO = raw
             if fmt == ".jsonl.gz":
                 stream = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]  # checks CRC and length
@@ -227,7 +244,11 @@ class RecordReader:
             fast = msgspec.json.Decoder().decode
             try:
                 for lineno, raw_line in enumerate(stream, 1):
-                    if lineno == 1 and raw_line.startswith(b"\xef\xbb\xbf"):
+                    if left is not None:
+                        if left <= 0:
+                            break
+                        left -= len(raw_line)
+                    if lineno == 1 and start == 0 and raw_line.startswith(b"\xef\xbb\xbf"):
                         raw_line = raw_line[3:]
                     if raw_line.isspace() or not raw_line:
                         continue

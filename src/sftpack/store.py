@@ -171,10 +171,10 @@ def target_lock(target: Path, on_wait: Callable[[], None] | None = None, *, wait
         os.close(fd)
 
 
-def sweep(directory: Path) -> None:
+def sweep(directory: Path, keep: Path | None = None) -> None:
     """Clean what killed builds left in `directory` (a cache) for any target no build holds:
     a cache entry whose inputs changed is never built again, so its own next build would
-    never clean it."""
+    never clean it. `keep`: as for `clean_stale`."""
     names = set()
     for entry in directory.iterdir() if directory.is_dir() else ():
         for mark in (".tmp-", ".old-"):
@@ -184,17 +184,18 @@ def sweep(directory: Path) -> None:
         try:
             with target_lock(directory / name, wait=False) as held:
                 if held:
-                    clean_stale(directory / name)
+                    clean_stale(directory / name, keep=keep)
         except LockUnavailable:
             return
 
 
-def clean_stale(target: Path) -> None:
+def clean_stale(target: Path, keep: Path | None = None) -> None:
     """Remove what builds of `target` killed before they finished left beside it.
 
     Call only while holding `target_lock(target)`: no other build of `target` can then be
     running, so every temporary sibling is stale. A previous store moved aside by a commit
-    that was killed between its two renames is put back first, so nothing is lost.
+    that was killed between its two renames is put back first, so nothing is lost. `keep`:
+    a temporary sibling the caller reuses (a Ray build's verified shards).
     """
     parent = target.parent
     if not parent.is_dir():
@@ -207,7 +208,7 @@ def clean_stale(target: Path) -> None:
                 os.replace(entry, target)
                 break
     for entry in entries:
-        if (entry.name.startswith(tmp) or entry.name.startswith(old)) and os.path.lexists(entry):
+        if (entry.name.startswith(tmp) or entry.name.startswith(old)) and os.path.lexists(entry) and entry != keep:
             _remove_tree(entry)
 
 

@@ -1,0 +1,373 @@
+"""The build on a Ray cluster (`engine="ray"`): the same store, byte for byte, as the local build.
+
+1. Plan (driver): the inputs are cut into shards in input order. A plain `.jsonl` file is
+   cut into byte ranges of about `SHARD_BYTES` that begin at line starts (a few bytes are
+   read at each cut, never the file); any other file is one shard.
+2. Map (Ray Data, one task per shard, retried by Ray on a lost worker): the local build's
+   own stages (`RecordReader`, `_encode_all`: render, encode, id checks) write the shard
+   as a small store of its own (`StoreWriter`: tokens, mask, offsets, the first-in-stream
+   arrays where the tokenizer needs them, checksums, and a manifest naming the build
+   fingerprint and the shard's range) in a staging directory beside the target.
+3. Reduce (driver): the shards are appended in order to the target's `StoreWriter`, whose
+   running sum turns each shard's offsets into global ones; `build` commits the manifest.
+
+The staging directory `.NAME.tmp-shards-FINGERPRINT` is a temporary sibling of the target
+(`store.clean_stale` and `store.sweep` remove it like any other); only a Ray build of the
+same fingerprint keeps it, and reuses a shard there only after checking its checksums, its
+fingerprint and its range. It is removed once the store is written. This module imports
+ray only when a build runs on it (`import sftpack` and local builds never do).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__, errors
+from .config import BuildOptions
+from .errors import ConfigError, InputError, SFTPackError, TokenizerError
+from .records import RecordReader, _format_of
+from .store import (
+    MANIFEST,
+    Store,
+    StoreWriter,
+    _remove_tree,
+    clean_stale,
+    open_store,
+    target_lock,
+    token_dtype,
+)
+from .templates import Schema
+from .tokenizers import Tokenizer, load_tokenizer
+
+SHARD_BYTES = 64 << 20  # input bytes a task reads: large enough that a task lasts seconds
+MAX_RETRIES = 3  # attempts Ray makes again for a task whose worker or node died
+APPEND_TOKENS = 1 << 24  # tokens the driver appends at a time (bounded memory in the reduce step)
+
+
+def staging_dir(out: Path, fp: str) -> Path:
+    """Where the shards of the build of fingerprint `fp` at `out` are written."""
+    return out.parent / f".{out.name}.tmp-shards-{fp[:32]}"
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every task needs, sent once with the map function (small: no tokenizer object)."""
+
+    staging: str
+    fingerprint: str
+    tokenizer: Any  # the caller's form: a bundled name, an absolute path, a picklable HF object
+    tokenizer_fingerprint: str
+    options: BuildOptions
+    kind: str
+    version: str = __version__  # workers run their own sftpack: it must be this one
+
+
+def plan_shards(reader: RecordReader, shard_bytes: int | None = None) -> list[dict[str, Any]]:
+    """Shards in input order: (file, start, length), the file's size and mtime as fingerprinted."""
+    size_limit = shard_bytes or SHARD_BYTES
+    shards: list[dict[str, Any]] = []
+    for i, (path, stamp) in enumerate(zip(reader.paths, reader.stamps)):
+        size = stamp[0]
+        cuts = _line_starts(path, size, size_limit) if _format_of(path) == ".jsonl" else []
+        bounds = [0, *cuts, size]
+        for start, end in zip(bounds, bounds[1:]):
+            shards.append(
+                {
+                    "index": len(shards),
+                    "file": i,
+                    "path": os.path.abspath(path),
+                    "start": start,
+                    "length": end - start,
+                    "ranged": bool(cuts),
+                    "size": size,
+                    "mtime_ns": stamp[1],
+                }
+            )
+    return shards
+
+
+def _line_starts(path: Path, size: int, step: int) -> list[int]:
+    """Line starts near every `step` bytes of a file (the first after each cut)."""
+    cuts: list[int] = []
+    with open(path, "rb") as f:
+        at = step
+        while at < size:
+            f.seek(at - 1)
+            tail = 0
+            while True:
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    return cuts  # the last line has no newline: no cut after it
+                nl = chunk.find(b"\n")
+                if nl >= 0:
+                    cut = at - 1 + tail + nl + 1
+                    break
+                tail += len(chunk)
+            if cut >= size:
+                break
+            cuts.append(cut)
+            at = max(cut, at) + step
+    return cuts
+
+
+def encode_on_ray(
+    reader: RecordReader,
+    out: Path,
+    fp: str,
+    tok: Tokenizer,
+    tokenizer: Any,
+    schema: Schema,
+    options: BuildOptions,
+    writer: StoreWriter,
+    progress: bool | None,
+) -> int:
+    """Fill `writer` as the local build would, with the work done by Ray tasks; returns the
+    count of documents holding special-token strings (see `build._encode_all`)."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("engine='ray' needs Ray Data: pip install 'sftpack[ray]'") from None
+    from .build import _progress_bar
+
+    job = _Job(
+        staging=str(staging_dir(out, fp)),
+        fingerprint=fp,
+        tokenizer=_portable(tokenizer),
+        tokenizer_fingerprint=tok.fingerprint(),
+        options=options,
+        kind=_first_kind(reader, schema),
+    )
+    shards = plan_shards(reader)
+    Path(job.staging).mkdir(exist_ok=True)
+    started = not ray.is_initialized()
+    if started:
+        where = options.ray_address or os.environ.get("RAY_ADDRESS")
+        try:
+            ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"cannot start or join Ray at {where or 'this machine'}: {exc}") from None
+    try:
+        results = _run(ray, job, shards, _progress_bar(reader.total_bytes, progress))
+    finally:
+        if started:
+            ray.shutdown()
+    documents = 0  # of the current file
+    for shard, result in zip(shards, results):  # the first error in input order, as the local build meets it
+        if result["error"]:
+            raise _error(result, shard, reader)
+        documents = (documents if shard["start"] else 0) + result["documents"]
+        if shard["start"] + shard["length"] == shard["size"] and documents == 0:
+            raise InputError(reader.paths[shard["file"]], None, "the file holds no documents (it is empty or blank)")
+    special_docs = 0
+    for shard, result in zip(shards, results):
+        _append(writer, open_store(_shard_path(job, shard)))
+        special_docs += result["special_docs"]
+    _remove_tree(Path(job.staging))  # every shard is in the writer; a leftover is cleaned by the next build
+    return special_docs
+
+
+def _run(ray: Any, job: _Job, shards: list[dict[str, Any]], bar: Any) -> list[dict[str, Any]]:
+    """Run the shard tasks; results in shard order, up to (and including) the first shard
+    that failed, so that the error reported is the one the local build would meet first."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one bar, ours, in bytes of input
+    ctx.print_on_execution_start = False
+    ds = ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
+    task = functools.partial(run_shard, job)
+    with warnings.catch_warnings():
+        # Ray Data has no named parameter for it yet (2.60 deprecates the generic ones); without
+        # it, Ray Data's default retries a task of a lost worker without end
+        warnings.simplefilter("ignore")
+        try:
+            ds = ds.map(task, num_cpus=1, max_retries=MAX_RETRIES)
+        except TypeError:
+            ds = ds.map(task, num_cpus=1)
+    done: dict[int, dict[str, Any]] = {}
+    first_bad = len(shards)
+    quiet = logging.getLogger("ray.data")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # no per-run notices on the user's terminal
+    try:
+        for row in ds.iter_rows():
+            result = dict(row)
+            done[result["index"]] = result
+            if result["error"]:
+                first_bad = min(first_bad, result["index"])
+            if bar is not None:
+                bar.update(result["bytes"])
+            if first_bad < len(shards) and all(i in done for i in range(first_bad)):
+                break  # every shard before the failed one is done: its error is the first
+    finally:
+        quiet.setLevel(level)
+        if bar is not None:
+            bar.close()
+    return [done[i] for i in range(min(first_bad + 1, len(shards)))]
+
+
+def _first_kind(reader: RecordReader, schema: Schema) -> str:
+    """The schema kind, detected on the first record as the local build does (one for all shards)."""
+    if schema.name != "auto":
+        return schema.name
+    first = RecordReader(reader.paths[:1])
+    records = iter(first)
+    try:
+        return schema.detect(next(records))
+    finally:
+        records.close()  # type: ignore[attr-defined]
+
+
+def _portable(tokenizer: Any) -> Any:
+    """The tokenizer as workers load it: paths made absolute; an object must pickle."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return os.path.abspath(tokenizer) if os.path.exists(tokenizer) else os.fspath(tokenizer)
+    if tokenizer is None:
+        return None
+    import pickle
+
+    try:
+        from ray import cloudpickle
+
+        cloudpickle.dumps(tokenizer)
+    except (TypeError, ValueError, AttributeError, pickle.PicklingError) as exc:
+        raise ConfigError(
+            f"engine='ray' loads the tokenizer on every worker, and a {type(tokenizer).__name__} cannot be sent "
+            f"there ({exc}): pass a bundled name, or a tokenizer path that every node can read"
+        ) from None
+    return tokenizer
+
+
+def _shard_path(job: _Job, shard: dict[str, Any]) -> Path:
+    return Path(job.staging) / f"shard-{shard['index']:06d}"
+
+
+def _shard_key(shard: dict[str, Any]) -> dict[str, Any]:
+    return {k: shard[k] for k in ("index", "path", "start", "length", "size", "mtime_ns")}
+
+
+_TOKENIZERS: dict[str, Tokenizer] = {}  # per worker process: loaded once, used by every shard it runs
+
+
+def run_shard(job: _Job, shard: dict[str, Any]) -> dict[str, Any]:
+    """One task: reuse the verified shard, or build it. Errors sftpack raises on purpose come
+    back as values (the driver reports the first in input order, located as file:line)."""
+    result = {"index": shard["index"], "bytes": shard["length"], "reused": False, "error": ""}
+    result.update(message="", line=-1, unit="")
+    path = _shard_path(job, shard)
+    try:
+        with target_lock(path):
+            clean_stale(path)  # an attempt killed while writing left its temporary directory
+            store = _verified(path, job, shard)
+            result["reused"] = store is not None
+            if store is None:
+                store = _write_shard(path, job, shard)
+    except SFTPackError as exc:
+        result.update(error=type(exc).__name__, message=str(exc))
+        if isinstance(exc, InputError):
+            where = str(exc)[: -len(exc.reason) - 2]  # "source[:unitLINE]"
+            unit = "" if exc.line is None else where[len(exc.source) + 1 : -len(str(exc.line))]
+            result.update(message=exc.reason, line=-1 if exc.line is None else exc.line, unit=unit)
+        return {**result, "documents": 0, "special_docs": 0}
+    counts = store.manifest["counts"]
+    return {**result, "documents": counts["documents"], "special_docs": counts["special_token_documents"]}
+
+
+def _verified(path: Path, job: _Job, shard: dict[str, Any]) -> Store | None:
+    """The finished shard at `path` when every checksum, the fingerprint and the range match."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        store = open_store(path, verify=True) if (path / MANIFEST).is_file() else None
+    except SFTPackError:
+        store = None
+    if store is not None and store.fingerprint == job.fingerprint and store.manifest.get("shard") == _shard_key(shard):
+        return store
+    _remove_tree(path)  # damaged, unfinished or of another build: redone
+    return None
+
+
+def _write_shard(path: Path, job: _Job, shard: dict[str, Any]) -> Store:
+    from .build import _encode_all, manifest, schema_and_template
+
+    if job.version != __version__:
+        raise ConfigError(f"a Ray worker runs sftpack {__version__}, the driver {job.version}: install one everywhere")
+    tok = _TOKENIZERS.get(job.tokenizer_fingerprint)
+    if tok is None:
+        tok = load_tokenizer(job.tokenizer, threads=1)
+        if tok.fingerprint() != job.tokenizer_fingerprint:
+            raise TokenizerError(
+                "the tokenizer a Ray worker loaded differs from the driver's: give a path that holds the same "
+                "tokenizer on every node"
+            )
+        _TOKENIZERS[job.tokenizer_fingerprint] = tok
+    schema, template = schema_and_template(job.options, tok)
+    source = Path(shard["path"])
+    reader = RecordReader([source])
+    if reader.stamps[0][:2] != (shard["size"], shard["mtime_ns"]):
+        raise InputError(source, None, "the file changed since the build began; rerun once it is complete")
+    records = reader.read_range(0, shard["start"], shard["length"]) if shard["ranged"] else iter(reader)
+    with StoreWriter(path, token_dtype(tok.vocab_size)) as writer:
+        special = _encode_all(records, tok, schema, template, job.options, writer, kind=job.kind)
+        made = manifest(job.fingerprint, tok, job.options, writer, special, shard["length"])
+        writer.commit({**made, "shard": _shard_key(shard)})
+    return open_store(path)
+
+
+def _append(writer: StoreWriter, shard: Store) -> None:
+    """Append a shard's documents to `writer`, `APPEND_TOKENS` at a time (memory-mapped)."""
+    for tokens, mask, offsets, append in (
+        (shard.tokens, shard.loss_mask, shard.doc_offsets, writer.append),
+        (shard.first_tokens, shard.first_mask, shard.first_offsets, writer.append_first),
+    ):
+        if tokens is None or mask is None or offsets is None:
+            continue
+        for lo, hi in _chunks(offsets):
+            a, b = int(offsets[lo]), int(offsets[hi])
+            append(tokens[a:b], mask[a:b], np.diff(offsets[lo : hi + 1]))
+
+
+def _chunks(offsets: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Document ranges [lo, hi) of at most `APPEND_TOKENS` tokens (or one longer document)."""
+    n, lo = len(offsets) - 1, 0
+    while lo < n:
+        hi = int(np.searchsorted(offsets, int(offsets[lo]) + APPEND_TOKENS, side="right")) - 1
+        hi = min(max(hi, lo + 1), n)
+        yield lo, hi
+        lo = hi
+
+
+def _error(result: dict[str, Any], shard: dict[str, Any], reader: RecordReader) -> SFTPackError:
+    """The failed shard's error as the local build raises it: lines counted from the file's start."""
+    path = reader.paths[shard["file"]]
+    if result["error"] == "InputError":
+        line = None if result["line"] < 0 else result["line"]
+        if line is not None and shard["start"] > 0:
+            line += _newlines(path, shard["start"])
+        return InputError(path, line, result["message"], result["unit"])
+    kind = getattr(errors, result["error"], SFTPackError)
+    return (
+        kind(result["message"])
+        if isinstance(kind, type) and issubclass(kind, SFTPackError)
+        else SFTPackError(result["message"])
+    )
+
+
+def _newlines(path: Path, end: int) -> int:
+    """Lines before byte `end` (only on an error: the one read of a file's head on the driver)."""
+    count, left = 0, end
+    with open(path, "rb") as f:
+        while left > 0:
+            chunk = f.read(min(left, 1 << 22))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            left -= len(chunk)
+    return count
