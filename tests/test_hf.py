@@ -255,3 +255,43 @@ def test_collator_positions_from_any_key(stores):
     ragged = DataCollator(pad_id=7)([items[0], {k: v[:10] for k, v in items[1].items() if k != "seq_lens"}])
     assert ragged["input_ids"][1, 10:].eq(7).all() and ragged["labels"][1, 10:].eq(-100).all()
     assert ragged["position_ids"][1, 10:].tolist() == list(range(SEQ - 10))
+
+
+def test_one_training_step_under_trainer_defaults(stores, model, reference, tmp_path):
+    """The whole loop (accelerate, gradient step) takes the collator's batches; one batch
+    holds every row, so the step's loss is the reference's mean."""
+    from transformers import Trainer, TrainingArguments
+
+    ds = open_packed(stores["masked-bfd"], labels="hf")
+    assert len(ds) <= 8  # one batch at the default batch size
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
+    trainer = Trainer(model=copy.deepcopy(model), args=args, train_dataset=ds, data_collator=DataCollator())
+    out = trainer.train()
+    assert abs(out.training_loss - float(reference["masked-bfd"].mean())) < 1e-5
+
+
+def test_the_label_option(stores, tmp_path):
+    import pickle
+
+    from conftest import write_jsonl
+
+    from sftpack import PackedSFTDataset
+
+    path = stores["all-concat"]
+    with pytest.raises(ConfigError, match="'shifted'.*'hf'"):
+        open_packed(path, labels="unshifted")
+    hf = open_packed(path, labels="hf")
+    again = pickle.loads(pickle.dumps(hf))  # DataLoader workers reopen it
+    assert again.labels == "hf" and torch.equal(again[1]["labels"], hf[1]["labels"])
+    assert hf.with_labels("shifted").labels == "shifted" and torch.equal(
+        hf.with_labels("shifted")[1]["labels"], open_packed(path)[1]["labels"]
+    )
+    built = PackedSFTDataset(
+        "llama3",
+        write_jsonl(tmp_path / "d.jsonl", _records()),
+        SEQ,
+        labels="hf",
+        template="Q: {prompt}\nA: {response}",
+        boundaries=True,
+    )
+    assert torch.equal(built[2]["labels"], hf[2]["labels"])

@@ -138,5 +138,3 @@ def test_documented_path_as_run_with_the_default_cache(jsonl, tmp_path, capsys):
     cached = check_isolation(path, rows=2, use_cache=None)
     assert not cached.passed and cached.max_abs_diff > 100 * cached.atol
     assert f"tokens compared:   {cached.tokens}" in out and cached.pieces > 2
-    bfd = _store(jsonl, tmp_path, name="bfd", short=True, template=TERSE, packing="bfd")
-    assert check_isolation(bfd, rows=2, padding_free=True).passed
