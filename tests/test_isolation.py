@@ -120,3 +120,21 @@ def test_rows_beyond_the_store_are_clamped(jsonl, tmp_path):
 def test_module_imports_without_torch():
     code = "import sys, sftpack.isolation; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_documented_path_as_run_with_the_default_cache(jsonl, tmp_path, capsys):
+    """check-isolation runs the collator's batch through a model whose config keeps
+    use_cache=True: padded (the tests above) and padding-free pass, and leaving
+    use_cache=False out of the batch (transformers' default cache, which turns off
+    packed-sequence detection on SDPA) fails."""
+    from sftpack.cli import main
+    from sftpack.isolation import tiny_llama
+
+    assert tiny_llama(64, 16).config.use_cache is True
+    path = _store(jsonl, tmp_path, boundaries=True)
+    assert main(["check-isolation", str(path), "--rows", "2", "--padding-free"]) == 0
+    out = capsys.readouterr().out
+    assert "isolation check PASSED" in out and "DataCollator(padding_free=True)" in out
+    cached = check_isolation(path, rows=2, use_cache=None)
+    assert not cached.passed and cached.max_abs_diff > 100 * cached.atol
+    assert f"tokens compared:   {cached.tokens}" in out and cached.pieces > 2

@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rows", type=int, default=4)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--atol", type=float, default=1e-4)
+    c.add_argument(
+        "--padding-free",
+        action="store_true",
+        help="batch the rows padding-free (sftpack.hf.DataCollator(padding_free=True)) instead of (B, L)",
+    )
     return p
 
 
@@ -189,7 +194,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "check-isolation":
         from .isolation import check_isolation
 
-        report = check_isolation(args.store, rows=args.rows, seed=args.seed, atol=args.atol)
+        report = check_isolation(
+            args.store, rows=args.rows, seed=args.seed, atol=args.atol, padding_free=args.padding_free
+        )
         print("\n".join(report.lines()))
         return 0 if report.passed else 1
     return 1

@@ -1,8 +1,11 @@
 """`PackedSFTDataset` and `open_packed`: torch datasets over a store seen through a plan.
 
-Items: `input_ids` and `labels` (int64, labels already shifted: `labels[j]` is the target
-of `input_ids[j]`, -100 where untrained), plus `position_ids` (int64) and `seq_lens`
-(int32) with `boundaries=True` and always with `packing="bfd"`.
+Items: `input_ids` and `labels` (int64, -100 where untrained), plus `position_ids` (int64)
+and `seq_lens` (int32) with `boundaries=True` and always with `packing="bfd"`.
+
+`labels="shifted"` (default, the reference): `labels[j]` is the target of `input_ids[j]`.
+`labels="hf"`: Hugging Face's convention, `labels[j]` is `input_ids[j]` or -100 and the
+model shifts (see `sftpack.view.hf_labels` for the one target a concat row loses).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch.utils.data import Dataset
 from .config import BuildOptions, make_options, resolve_seed
 from .errors import StoreError
 from .store import Store, open_store
-from .view import View, options_for
+from .view import View, check_labels, options_for
 
 if TYPE_CHECKING:
     from .build import BuildSummary
@@ -32,7 +35,8 @@ class PackedSFTDataset(Dataset):
     the inputs, tokenizer, template and masking options match: `seq_length`, `packing`,
     `overflow`, `pad`, `shuffle`/`seed`, `boundaries` and `mask_cross_document` only re-plan.
     Without it the store lives in a temporary directory owned by the dataset. Other
-    keyword options: see `sftpack.BuildOptions`.
+    keyword options: see `sftpack.BuildOptions`. `labels`: "shifted" (the reference) or
+    "hf" (for Hugging Face models, which shift labels themselves).
     """
 
     def __init__(
@@ -45,8 +49,10 @@ class PackedSFTDataset(Dataset):
         *,
         cache_dir: str | os.PathLike | None = None,
         workers: int = 0,
+        labels: str = "shifted",
         **options: Any,
     ) -> None:
+        self.labels = check_labels(labels)
         opts = resolve_seed(make_options(seq_length=seq_length, shuffle=shuffle, seed=seed, **options))
         self._tmp = None
         if cache_dir is None:
@@ -62,16 +68,21 @@ class PackedSFTDataset(Dataset):
         self._attach(open_store(self.summary.path), opts)
 
     @classmethod
-    def from_store(cls, store: Store, options: BuildOptions) -> PackedSFTDataset:
+    def from_store(cls, store: Store, options: BuildOptions, *, labels: str = "shifted") -> PackedSFTDataset:
         self = cls.__new__(cls)
         self._tmp = None
         self.summary = None
+        self.labels = check_labels(labels)
         self._attach(store, options)
         return self
 
+    def with_labels(self, labels: str) -> PackedSFTDataset:
+        """The same rows (same store and plan) in another label convention."""
+        return self if labels == self.labels else PackedSFTDataset.from_store(self.store, self.options, labels=labels)
+
     def _attach(self, store: Store, options: BuildOptions) -> None:
         self.store, self.path, self.options = store, store.path, options
-        self.view = View(store, options)
+        self.view = View(store, options, labels=self.labels)
         self.seq_length = int(options.seq_length)
         self._identity = _identity(store)
 
@@ -134,9 +145,13 @@ def open_packed(
     boundaries: bool | None = None,
     mask_cross_document: bool | None = None,
     verify: bool = False,
+    labels: str = "shifted",
 ) -> PackedSFTDataset:
     """Reopen a built store as a dataset, planned anew where an option is given (`None`:
-    as recorded at build). Never re-tokenizes; `verify` checks every checksum first."""
+    as recorded at build). Never re-tokenizes; `verify` checks every checksum first.
+    `labels="hf"` serves labels aligned with `input_ids` for Hugging Face models (Trainer,
+    TRL), which shift them; the default "shifted" is the reference's convention."""
+    check_labels(labels)
     store = open_store(path, verify=verify)
     options = options_for(
         store,
@@ -149,4 +164,4 @@ def open_packed(
         boundaries=boundaries,
         mask_cross_document=mask_cross_document,
     )
-    return PackedSFTDataset.from_store(store, options)
+    return PackedSFTDataset.from_store(store, options, labels=labels)

@@ -1,12 +1,17 @@
 """Document isolation check: packed rows must score every document as if it were alone.
 
-`check_isolation` runs a tiny randomly initialised Llama (CPU, float32) over the first rows
-of a store twice:
+`check_isolation` runs a tiny randomly initialised Llama (CPU, float32, its config's
+defaults, `use_cache=True` included) over the first rows of a store twice:
 
-- packed: each row as one sequence with the row's `position_ids` and no attention mask.
-  transformers (>= 4.5x, `masking_utils.find_packed_sequence_indices`) then treats every
-  place where the positions do not step by exactly 1 as a document start and builds a
-  block-diagonal causal mask, so no token attends to another document;
+- packed: the path sftpack documents for Hugging Face models, as it is run: the rows served
+  with `labels="hf"`, batched by `sftpack.hf.DataCollator` (padded, or padding-free with
+  `padding_free=True`), then `model(**batch)`. The batch holds `position_ids` and no
+  attention mask; transformers (`masking_utils.find_packed_sequence_indices`) then treats
+  every place where the positions do not step by exactly 1 as a document start and builds
+  a block-diagonal causal mask, so no token attends to another document. It does so on
+  SDPA/eager only when no KV cache is present: the batch's `use_cache=False` sees to it
+  (`use_cache=None` leaves it out, and the model's default cache turns the detection off:
+  a negative control);
 - alone: every document piece of every row by itself, with its own slice of the row's
   positions (a piece that continues a document from an earlier row keeps its continuing
   positions; RoPE only sees position differences, and the same positions are used in
@@ -66,6 +71,7 @@ class IsolationReport:
     max_abs_logit_diff: float = 0.0
     packed_positions: bool = True
     attn_implementation: str = ATTN_IMPLEMENTATION
+    padding_free: bool = False
     details: tuple[PieceResult, ...] = field(default=(), repr=False)
 
     @property
@@ -75,8 +81,12 @@ class IsolationReport:
 
     def lines(self) -> list[str]:
         verdict = "PASSED" if self.passed else "FAILED"
+        path = (
+            f"sftpack.hf.DataCollator(padding_free={self.padding_free}) -> model(**batch), {self.attn_implementation}"
+        )
         return [
             f"isolation check {verdict}",
+            f"  path:              {path}",
             f"  rows checked:      {self.rows}",
             f"  document pieces:   {self.pieces}",
             f"  tokens compared:   {self.tokens}",
@@ -88,7 +98,8 @@ class IsolationReport:
 def tiny_llama(
     vocab_size: int, max_positions: int, seed: int = 0, attn_implementation: str = ATTN_IMPLEMENTATION
 ) -> Any:
-    """A small randomly initialised `LlamaForCausalLM` (float32, CPU, eval mode, no cache)."""
+    """A small randomly initialised `LlamaForCausalLM` (float32, CPU, eval mode), its config
+    otherwise transformers' defaults (`use_cache=True`, as a pretrained model's is)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -101,7 +112,6 @@ def tiny_llama(
         intermediate_size=128,
         max_position_embeddings=int(max_positions),
         tie_word_embeddings=True,
-        use_cache=False,
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
@@ -134,6 +144,8 @@ def check_isolation(
     *,
     packed_positions: bool = True,
     attn_implementation: str = ATTN_IMPLEMENTATION,
+    padding_free: bool = False,
+    use_cache: bool | None = False,
 ) -> IsolationReport:
     """Check that the store at `path` scores each document piece of its first `rows` rows
     the same packed as alone (see the module docstring).
@@ -142,11 +154,13 @@ def check_isolation(
     otherwise they are computed from the stored document offsets. `packed_positions=False`
     runs the packed rows without position_ids (plain causal attention across documents):
     a negative control that must fail on rows holding more than one document.
+    `padding_free` and `use_cache` are the collator's (see the module docstring).
     """
     import numpy as np
     import torch
 
     from .dataset import open_packed
+    from .hf import DataCollator
     from .plans import ConcatPlan
 
     ds = open_packed(path, boundaries=True)  # the plan's own positions and document pieces
@@ -170,7 +184,12 @@ def check_isolation(
     max_pos = int(position_rows.max()) + 1
     model = tiny_llama(vocab_size, max(L, max_pos), seed, attn_implementation)
 
-    packed_logits = _forward(model, input_ids, position_rows if packed_positions else None)
+    hf = ds.with_labels("hf")
+    batch = DataCollator(padding_free=padding_free, use_cache=use_cache)([hf[r] for r in range(n_rows)])
+    if not packed_positions:
+        del batch["position_ids"]
+    with torch.no_grad():
+        packed_logits = model(**batch).logits.float().reshape(n_rows, L, -1)
     packed_loss = _token_loss(packed_logits, label_rows)
 
     details: list[PieceResult] = []
@@ -209,5 +228,6 @@ def check_isolation(
         max_abs_logit_diff=max_logit_diff,
         packed_positions=packed_positions,
         attn_implementation=attn_implementation,
+        padding_free=padding_free,
         details=tuple(details),
     )

@@ -10,8 +10,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import ConfigError
+from .hf import flatten, piece_starts, row_positions
 from .pack import IGNORE_INDEX, cu_seqlens
 from .sampling import Schedule, StatefulBatchSampler, fingerprint_of
+from .view import hf_labels
 
 
 def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor] | int]:
@@ -34,36 +36,41 @@ def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor 
     return batch
 
 
-def collate_flattened(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Padding-free batch for Hugging Face models, in the convention of transformers'
-    `DataCollatorWithFlattening`: one (1, B*L) row, `position_ids` restarting at 0 for
-    every document piece, labels unshifted (the model shifts them) with -100 on each
-    piece's first token, and no attention_mask. Needs items built with `boundaries=True`.
-    A piece continuing a document from the previous row restarts its positions, so no
-    piece can be mistaken for the continuation of another row's last document.
+def collate_flattened(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Padding-free batch of reference (shifted) items for Hugging Face models, in the
+    convention of transformers' `DataCollatorWithFlattening`: one (1, B*L) row,
+    `position_ids` restarting at 0 for every document piece, labels unshifted (the model
+    shifts them) with -100 on each piece's first token, no attention_mask, and
+    `use_cache=False` (see `sftpack.hf`). Needs items with boundaries (`boundaries=True` or
+    `packing="bfd"`): their `position_ids`, or `seq_lens`, whichever Trainer's
+    `remove_unused_columns` left. A piece continuing a document from the previous row
+    restarts its positions, so it is never mistaken for the continuation of another row.
+    Items served with `labels="hf"` go to `sftpack.hf.DataCollator(padding_free=True)`.
     """
-    if "seq_lens" not in items[0]:
-        raise ValueError(
-            "collate_flattened needs items with seq_lens: open the dataset with boundaries=True (or packing='bfd'); "
-            "with Hugging Face's Trainer also pass TrainingArguments(remove_unused_columns=False), which would "
-            "otherwise drop seq_lens before the collator sees it"
+    rows = []
+    for r, item in enumerate(items):
+        if "position_ids" not in item and "seq_lens" not in item:
+            raise ConfigError(
+                "collate_flattened needs items with document boundaries (position_ids or seq_lens): open the "
+                "dataset with boundaries=True (or packing='bfd')"
+            )
+        ids = item["input_ids"].numpy().astype(np.int64)
+        shifted = item["labels"].numpy().astype(np.int64)
+        _check_shifted(ids, shifted, r)
+        positions = row_positions(item, len(ids))
+        rows.append((ids, hf_labels(shifted, np.diff(np.append(piece_starts(positions), len(ids)))), positions))
+    return {**flatten(rows), "use_cache": False}
+
+
+def _check_shifted(ids: np.ndarray, labels: np.ndarray, row: int) -> None:
+    """Reference labels are -100 or the next input token (the last one targets beyond the row)."""
+    bad = np.flatnonzero((labels[:-1] != IGNORE_INDEX) & (labels[:-1] != ids[1:]))
+    if len(bad):
+        raise ConfigError(
+            f"collate_flattened takes sftpack's reference (shifted) labels, but row {row} has label "
+            f"{int(labels[bad[0]])} at position {int(bad[0])} where the next input is {int(ids[bad[0] + 1])}: "
+            "items served with labels='hf' go to sftpack.hf.DataCollator(padding_free=True)"
         )
-    input_ids, labels, positions = [], [], []
-    for item in items:
-        lens = item["seq_lens"].numpy().astype(np.int64)
-        starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
-        pos = np.arange(int(lens.sum())) - np.repeat(starts, lens)
-        shifted = np.full(len(pos), IGNORE_INDEX, dtype=np.int64)
-        shifted[1:] = item["labels"].numpy()[:-1]
-        shifted[starts] = IGNORE_INDEX
-        input_ids.append(item["input_ids"])
-        labels.append(torch.from_numpy(shifted))
-        positions.append(torch.from_numpy(pos))
-    return {
-        "input_ids": torch.cat(input_ids)[None],
-        "labels": torch.cat(labels)[None],
-        "position_ids": torch.cat(positions)[None],
-    }
 
 
 class Batches:

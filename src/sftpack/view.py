@@ -10,6 +10,10 @@ reads each row's pieces from the memory-mapped arrays:
   that variant stored for every document; the plan's first document is read from it.
 - bfd: whole documents (or, with overflow="split", pieces of at most L tokens packed as
   documents of their own), no label crosses a document, padded to L with `pad=True`.
+
+Two label conventions (`labels=`): "shifted" (the reference: `labels[j]` is the target of
+`input_ids[j]`) and "hf" (Hugging Face: `labels[j]` is `input_ids[j]` or -100, the model
+shifts); see `hf_labels`.
 """
 
 from __future__ import annotations
@@ -32,13 +36,48 @@ def options_for(store: Store, **given: Any) -> BuildOptions:
     return resolve_seed(make_options(**{**recorded, **{k: v for k, v in given.items() if v is not None}}))
 
 
-class View:
-    """Rows of `store` under the plan and serving options of `options`."""
+LABELS = ("shifted", "hf")
 
-    def __init__(self, store: Store, options: BuildOptions, *, count_supervised: bool = False) -> None:
+
+def check_labels(labels: str) -> str:
+    """`labels` if it names a label convention, else a `ConfigError` listing them."""
+    if labels not in LABELS:
+        raise ConfigError(
+            f"labels={labels!r} is not one of {', '.join(map(repr, LABELS))}: 'shifted' (the reference, "
+            "labels[j] is the target of input_ids[j]) or 'hf' (aligned with input_ids; Hugging Face models shift)"
+        )
+    return labels
+
+
+def hf_labels(shifted: np.ndarray, seq_lens: np.ndarray | None = None) -> np.ndarray:
+    """Hugging Face labels from a row's shifted ones: `hf[j] = shifted[j - 1]`, so `hf[j]` is
+    `input_ids[j]` where trained, else -100 (the model shifts them back).
+
+    `hf[0]` is -100 (nothing in the row precedes it) and `shifted[-1]` is lost: on a concat
+    row it is the target of the last input, the next row's first token, which a model that
+    sees only this row cannot be asked to predict. With `seq_lens` (document pieces) every
+    piece's first label is -100 too: it would be predicted from the previous document, which
+    the piece does not attend to.
+    """
+    out = np.empty_like(shifted)
+    out[0] = IGNORE_INDEX
+    out[1:] = shifted[:-1]
+    if seq_lens is not None:
+        out[np.cumsum(seq_lens[:-1], dtype=np.int64)] = IGNORE_INDEX
+    return out
+
+
+class View:
+    """Rows of `store` under the plan and serving options of `options`, with labels in the
+    convention `labels` ("shifted": the reference; "hf": see `hf_labels`)."""
+
+    def __init__(
+        self, store: Store, options: BuildOptions, *, labels: str = "shifted", count_supervised: bool = False
+    ) -> None:
         """`count_supervised`: bfd plans also count the supervised tokens they lose (one pass
         over the loss mask; the report's business, not a training job's)."""
         options.validate()
+        self.labels = check_labels(labels)
         self.store, self.options = store, options
         self.seq_length = int(options.seq_length)
         tok = store.manifest["tokenizer"]
@@ -130,12 +169,16 @@ class View:
         return np.concatenate([p[0] for p in parts]).astype(np.int64), np.concatenate([p[1] for p in parts])
 
     def item(self, index: int) -> dict[str, np.ndarray]:
-        """`input_ids`, `labels` (int64, labels[j] is the target of input j, -100 where
-        untrained), and with boundaries (always for bfd) `position_ids` and `seq_lens`."""
+        """`input_ids`, `labels` (int64, -100 where untrained; in the view's convention), and
+        with boundaries (always for bfd) `position_ids` and `seq_lens`."""
         tokens, mask = self.window(index)
         if isinstance(self.plan, ConcatPlan):
-            return self._concat_item(index, tokens, mask)
-        return self._packed_item(tokens, mask, self.pieces(index).length)
+            item = self._concat_item(index, tokens, mask)
+        else:
+            item = self._packed_item(tokens, mask, self.pieces(index).length)
+        if self.labels == "hf":
+            item["labels"] = hf_labels(item["labels"], item.get("seq_lens"))
+        return item
 
     def _concat_item(self, index: int, tokens: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         L = self.seq_length

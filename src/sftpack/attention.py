@@ -1,0 +1,59 @@
+"""Document-causal attention for torch's FlexAttention, from the rows' `seq_lens`.
+
+A packed row holds several documents; each token may attend only to earlier tokens of its
+own document. `document_block_mask` turns the `seq_lens` of a batch (each row's document
+pieces, as items with boundaries carry them and `sftpack.collate` keeps them) into a
+`BlockMask` for `torch.nn.attention.flex_attention.flex_attention`, whose block sparsity
+skips the blocks between documents instead of computing and masking them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+from .errors import ConfigError
+
+
+def document_ids(seq_lens: Sequence[Any] | torch.Tensor) -> torch.Tensor:
+    """(B, L) int32: the index of the document piece each token belongs to, per row.
+
+    `seq_lens`: one 1-D sequence of piece lengths per row (a (B, k) tensor, or a list of
+    1-D tensors / lists of possibly different k), or a single 1-D one for one row. Every
+    row must have the same total length L.
+    """
+    rows = [seq_lens] if isinstance(seq_lens, torch.Tensor) and seq_lens.ndim == 1 else list(seq_lens)
+    if rows and not isinstance(rows[0], (torch.Tensor, Sequence)):  # a flat list of ints: one row
+        rows = [rows]
+    if not rows:
+        raise ConfigError("seq_lens is empty: there is no row to mask")
+    lens = [torch.as_tensor(r, dtype=torch.int64).reshape(-1) for r in rows]
+    totals = {int(x.sum()) for x in lens}
+    if len(totals) != 1 or (lens[0] < 0).any():
+        raise ConfigError(f"every row's seq_lens must sum to the same length (got {sorted(totals)})")
+    return torch.stack([torch.repeat_interleave(torch.arange(len(x)), x) for x in lens]).to(torch.int32)
+
+
+def document_block_mask(
+    seq_lens: Sequence[Any] | torch.Tensor,
+    *,
+    device: str | torch.device = "cpu",
+    block_size: int = 128,
+    compile: bool = False,
+) -> BlockMask:
+    """A document-causal `BlockMask` of shape (B, 1, L, L): query q attends to key k when
+    both are in the same document piece of the row and k <= q. For `flex_attention(q, k, v,
+    block_mask=...)` with q, k, v of shape (B, H, L, D); heads share the mask.
+    `compile=True` builds the mask with torch.compile (for long rows on GPU)."""
+    docs = document_ids(seq_lens).to(device)
+    batch, length = docs.shape
+
+    def document_causal(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        return (docs[b, q] == docs[b, kv]) & (q >= kv)
+
+    return create_block_mask(
+        document_causal, batch, None, length, length, device=device, BLOCK_SIZE=block_size, _compile=compile
+    )
