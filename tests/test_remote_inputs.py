@@ -68,16 +68,18 @@ def moto_s3():
 
 
 def corpus(tmp_path: Path) -> list[Path]:
-    """The sample as .jsonl, .jsonl.gz and .parquet, on local disk (uploaded by `upload`)."""
+    """The sample as .jsonl, .jsonl.gz, .parquet and .jsonl.zst on local disk (uploaded by `upload`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import zstandard
 
     rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
-    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz", tmp_path / "c.parquet"
+    a, b, c, d = (tmp_path / n for n in ("a.jsonl", "b.jsonl.gz", "c.parquet", "d.jsonl.zst"))
     a.write_bytes(SAMPLE.read_bytes())
     b.write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in reversed(rows)), mtime=0))
     pq.write_table(pa.Table.from_pylist(rows[::2]), c)
-    return [a, b, c]
+    d.write_bytes(zstandard.ZstdCompressor().compress(b"".join(json.dumps(r).encode() + b"\n" for r in rows[1::2])))
+    return [a, b, c, d]
 
 
 def upload(s3: S3, prefix: str, files: list[Path]) -> None:
@@ -104,9 +106,9 @@ def test_a_glob_a_prefix_and_objects_build_the_store_of_the_same_local_files(mot
     one_by_one = build(objects, tmp_path / "objects", options, progress=False)
     for summary in (glob, prefix, one_by_one):
         same_store(tmp_path / "local", summary.path)  # the fingerprint (in the manifest) hashes bytes, not names
-        assert summary.documents == local.documents == 16 + 16 + 8
+        assert summary.documents == local.documents == 16 + 16 + 8 + 8
         assert summary.input_bytes == local.input_bytes == sum(f.stat().st_size for f in files)
-    found = expand_inputs(moto_s3.uri("**/same/[abc].*"))  # `**` spans zero or more levels
+    found = expand_inputs(moto_s3.uri("**/same/[a-d].*"))  # `**` spans zero or more levels
     assert [str(f) for f in found] == [f"s3://{BUCKET}/same/{f.name}" for f in files]  # no query, no secret
     assert all(isinstance(f, RemoteFile) for f in found)
 
@@ -126,6 +128,8 @@ def test_a_missing_object_and_a_truncated_gzip_name_the_uri(moto_s3, tmp_path):
         build(moto_s3.uri("gone/a.jsonl"), tmp_path / "s", options, progress=False)
     with pytest.raises(ConfigError, match=rf"pattern 's3://{BUCKET}/gone/\*\.jsonl' matches no file"):
         build(moto_s3.uri("gone/*.jsonl"), tmp_path / "s", options, progress=False)
+    with pytest.raises(ConfigError, match=r"cannot open the file system of nosuch://bucket/a\.jsonl: "):
+        build("nosuch://bucket/a.jsonl?secret=x", tmp_path / "s", options, progress=False)
     whole = gzip.compress(SAMPLE.read_bytes(), mtime=0)
     moto_s3.put("cut/t.jsonl.gz", whole[: len(whole) * 2 // 3])
     with pytest.raises(InputError, match=rf"^s3://{BUCKET}/cut/t\.jsonl\.gz:\d+: the file is truncated") as err:
@@ -163,3 +167,16 @@ def test_a_local_build_and_import_never_import_pyarrow(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_file_uris_and_the_cli(moto_s3, tmp_path, capsys):
+    """`file://` goes through pyarrow's local file system; the CLI takes URIs as it takes paths."""
+    from sftpack.cli import main
+
+    files = corpus(tmp_path)
+    upload(moto_s3, "cli", files)
+    build(files, tmp_path / "local", BuildOptions(seq_length=64), progress=False)
+    build([f"file://{f}" for f in files], tmp_path / "file", BuildOptions(seq_length=64), progress=False)
+    same_store(tmp_path / "local", tmp_path / "file")
+    assert main(["build", moto_s3.uri("cli/"), "--out", str(tmp_path / "cli"), "--seq-length", "64", "--quiet"]) == 0
+    same_store(tmp_path / "local", tmp_path / "cli")
