@@ -79,7 +79,7 @@ class RemoteFile:
         return io.BufferedReader(_ArrowRaw(native), 8 << 20) if buffered else native
 
     def stamp(self) -> Stamp:
-        """Size, mtime and (where the file system reports one: S3, GCS) a hash of the ETag,
+        """Size, mtime and (where the file system reports one, as S3 does) a hash of the ETag,
         which changes when an object is replaced even within its mtime's second."""
         fs = self.filesystem()
         info = fs.get_file_info(self.path)
@@ -124,8 +124,8 @@ def _is_uri(text: str) -> bool:
 
 def _expand_remote(uri: str) -> list[RemoteFile]:
     """A URI's files, as `expand_inputs` finds local ones: one object, a directory's
-    (prefix's) data files, or a glob's matches (`*`, `?`, `[...]`, `**`) listed from the
-    pattern's fixed head. Listed entries carry their type: no further request per file."""
+    (prefix's) data files, or a glob's matches (`*`, `[...]`, `**`; a `?` starts the URI's
+    query) listed from the pattern's fixed head. Listed entries carry their type: no further request per file."""
     import pyarrow.fs as pafs
 
     parts = urlsplit(uri)
