@@ -203,6 +203,19 @@ def test_s3_inputs_read_by_the_workers_give_the_local_store_and_errors(
     assert str(ray.value) == str(local.value).replace(str(path), f"s3://inputs/bad/{path.name}")
     assert f"s3://inputs/bad/{path.name}:{line}:" in str(ray.value) and shards[-1][-1]["index"] > 0
 
+    import sftpack.distributed as d
+
+    plan = d.plan_shards
+
+    def then_replace(*args):  # after the driver planned the shards, before the tasks read them
+        planned = plan(*args)
+        moto_s3.put("ray/a.jsonl", (tmp_path / "corpus" / "a.jsonl").read_bytes().replace(b"q1.0", b"q9.0"))
+        return planned
+
+    monkeypatch.setattr(d, "plan_shards", then_replace)
+    with pytest.raises(InputError, match=r"^s3://inputs/ray/a\.jsonl: the file changed since the build began"):
+        build(moto_s3.uri("ray/*", credentials="testing:testing"), tmp_path / "moved", ray_options, progress=False)
+
 
 class _Killed(KeyboardInterrupt):
     pass
