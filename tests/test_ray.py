@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_remote_inputs import moto_s3, upload  # noqa: F401  (S3 on loopback, moto's server)
 from test_shuffle_and_tokenize import sp_tokenizer  # noqa: F401  (a SentencePiece tokenizer trained offline)
 
 from sftpack import InputError
@@ -168,6 +169,52 @@ def test_an_error_in_a_later_range_names_the_file_and_line_as_the_local_build(ra
     with pytest.raises(InputError) as ray:
         build([blank, path], tmp_path / "ray", BuildOptions(seq_length=64, template="chat", engine="ray"))
     assert str(ray.value) == str(local.value) == f"{blank}: the file holds no documents (it is empty or blank)"
+
+
+def test_s3_inputs_read_by_the_workers_give_the_local_store_and_errors(
+    ray_local,
+    shards,
+    tmp_path,
+    corpus,
+    monkeypatch,
+    moto_s3,  # noqa: F811
+):
+    """Workers open the URI themselves (byte ranges of a .jsonl by seek); the credentials
+    travel in the URI here, as the workers started before the test's environment was set."""
+    monkeypatch.setattr("sftpack.distributed.SHARD_BYTES", 12000)
+    upload(moto_s3, "ray", corpus)
+    options = BuildOptions(seq_length=128, template="chat", train_on_prompt=False)
+    build(corpus, tmp_path / "local", options, progress=False)
+    ray_options = BuildOptions(**{**options.__dict__, "engine": "ray"})
+    build(moto_s3.uri("ray/*", credentials="testing:testing"), tmp_path / "ray", ray_options, progress=False)
+    assert len(shards[0]) > len(corpus)  # files and byte ranges
+    assert not any("testing" in str(r) for r in shards[0])  # no secret in what tasks return
+    same_store(tmp_path / "local", tmp_path / "ray")
+    no_litter(tmp_path)
+
+    monkeypatch.setattr("sftpack.distributed.SHARD_BYTES", 6000)
+    path, line = _with_bad_line(tmp_path, 80)
+    upload(moto_s3, "bad", [path])
+    with pytest.raises(InputError) as local:
+        build(path, tmp_path / "bad-local", BuildOptions(seq_length=64, template="chat"), progress=False)
+    with pytest.raises(InputError) as ray:
+        uri = moto_s3.uri(f"bad/{path.name}", credentials="testing:testing")
+        build(uri, tmp_path / "bad-ray", BuildOptions(seq_length=64, template="chat", engine="ray"))
+    assert str(ray.value) == str(local.value).replace(str(path), f"s3://inputs/bad/{path.name}")
+    assert f"s3://inputs/bad/{path.name}:{line}:" in str(ray.value) and shards[-1][-1]["index"] > 0
+
+    import sftpack.distributed as d
+
+    plan = d.plan_shards
+
+    def then_replace(*args):  # after the driver planned the shards, before the tasks read them
+        planned = plan(*args)
+        moto_s3.put("ray/a.jsonl", (tmp_path / "corpus" / "a.jsonl").read_bytes().replace(b"q1.0", b"q9.0"))
+        return planned
+
+    monkeypatch.setattr(d, "plan_shards", then_replace)
+    with pytest.raises(InputError, match=r"^s3://inputs/ray/a\.jsonl: the file changed since the build began"):
+        build(moto_s3.uri("ray/*", credentials="testing:testing"), tmp_path / "moved", ray_options, progress=False)
 
 
 class _Killed(KeyboardInterrupt):

@@ -34,7 +34,7 @@ import numpy as np
 from . import __version__, errors
 from .config import BuildOptions
 from .errors import ConfigError, InputError, SFTPackError, TokenizerError
-from .records import RecordReader, _format_of
+from .records import InputFile, RecordReader, RemoteFile, _format_of, _open
 from .store import (
     MANIFEST,
     Store,
@@ -72,7 +72,8 @@ class _Job:
 
 
 def plan_shards(reader: RecordReader, shard_bytes: int | None = None) -> list[dict[str, Any]]:
-    """Shards in input order: (file, start, length), the file's size and mtime as fingerprinted."""
+    """Shards in input order: (file, start, length), the file's size and mtime as fingerprinted
+    (and a remote file's ETag hash); a remote file is named by its URI, which every task opens."""
     size_limit = shard_bytes or SHARD_BYTES
     shards: list[dict[str, Any]] = []
     for i, (path, stamp) in enumerate(zip(reader.paths, reader.stamps)):
@@ -84,21 +85,24 @@ def plan_shards(reader: RecordReader, shard_bytes: int | None = None) -> list[di
                 {
                     "index": len(shards),
                     "file": i,
-                    "path": os.path.abspath(path),
+                    "path": str(path) if isinstance(path, RemoteFile) else os.path.abspath(path),
+                    "root": path.root if isinstance(path, RemoteFile) else "",  # to open it: never shown
+                    "object": path.path if isinstance(path, RemoteFile) else "",
                     "start": start,
                     "length": end - start,
                     "ranged": bool(cuts),
                     "size": size,
                     "mtime_ns": stamp[1],
+                    "version": stamp[2] if isinstance(path, RemoteFile) else 0,
                 }
             )
     return shards
 
 
-def _line_starts(path: Path, size: int, step: int) -> list[int]:
+def _line_starts(path: InputFile, size: int, step: int) -> list[int]:
     """Line starts near every `step` bytes of a file (the first after each cut)."""
     cuts: list[int] = []
-    with open(path, "rb") as f:
+    with _open(path, buffered=False) as f:
         at = step
         while at < size:
             f.seek(at - 1)
@@ -250,7 +254,7 @@ def _shard_path(job: _Job, shard: dict[str, Any]) -> Path:
 
 
 def _shard_key(shard: dict[str, Any]) -> dict[str, Any]:
-    return {k: shard[k] for k in ("index", "path", "start", "length", "size", "mtime_ns")}
+    return {k: shard[k] for k in ("index", "path", "start", "length", "size", "mtime_ns", "version")}
 
 
 _TOKENIZERS: dict[str, Tokenizer] = {}  # per worker process: loaded once, used by every shard it runs
@@ -309,9 +313,13 @@ def _write_shard(path: Path, job: _Job, shard: dict[str, Any]) -> Store:
             )
         _TOKENIZERS[job.tokenizer_fingerprint] = tok
     schema, template = schema_and_template(job.options, tok)
-    source = Path(shard["path"])
+    source: InputFile = Path(shard["path"])
+    if shard["root"]:  # a URI: this task reads it from the file system itself (ranged reads)
+        source = RemoteFile(shard["root"], shard["object"], shard["path"])
     reader = RecordReader([source])
-    if reader.stamps[0][:2] != (shard["size"], shard["mtime_ns"]):
+    if reader.stamps[0][:2] != (shard["size"], shard["mtime_ns"]) or (
+        shard["root"] and reader.stamps[0][2] != shard["version"]
+    ):
         raise InputError(source, None, "the file changed since the build began; rerun once it is complete")
     records = reader.read_range(0, shard["start"], shard["length"]) if shard["ranged"] else iter(reader)
     with StoreWriter(path, token_dtype(tok.vocab_size)) as writer:
@@ -360,10 +368,10 @@ def _error(result: dict[str, Any], shard: dict[str, Any], reader: RecordReader) 
     )
 
 
-def _newlines(path: Path, end: int) -> int:
+def _newlines(path: InputFile, end: int) -> int:
     """Lines before byte `end` (only on an error: the one read of a file's head on the driver)."""
     count, left = 0, end
-    with open(path, "rb") as f:
+    with _open(path, buffered=False) as f:
         while left > 0:
             chunk = f.read(min(left, 1 << 22))
             if not chunk:

@@ -12,7 +12,7 @@ class SFTPackError(ValueError):
 class InputError(SFTPackError):
     """A problem in an input file, located as `file:line` (or `file:row`)."""
 
-    def __init__(self, source: str | os.PathLike, line: int | None, message: str, unit: str = "") -> None:
+    def __init__(self, source: str | os.PathLike | object, line: int | None, message: str, unit: str = "") -> None:
         self.source = str(source)
         self.line = line
         self.reason = message

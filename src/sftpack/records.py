@@ -2,11 +2,14 @@
 
 Each record keeps its provenance (file and 1-based line or row) so that any later
 stage can report `file:line`. Files are streamed; nothing here knows about tokens.
+Inputs named by URI (`s3://`, `gs://`, `hdfs://`, `abfs://`, `file://`) are read through
+`pyarrow.fs` (imported only then); local paths never go through pyarrow.
 """
 
 from __future__ import annotations
 
 import decimal
+import fnmatch
 import glob
 import gzip
 import io
@@ -16,8 +19,10 @@ import re
 import stat
 import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Union
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import xxhash
@@ -42,15 +47,163 @@ class Record:
         return InputError(self.source, self.line, message, self.unit)
 
 
-def expand_inputs(inputs: Inputs) -> list[Path]:
-    """Resolve files, directories' children and glob patterns to a sorted, de-duplicated list."""
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """An input on a file system pyarrow understands (`pyarrow.fs.FileSystem.from_uri`).
+    `root` is the URI the user gave (query parameters and any credentials in it kept, never
+    shown), which every process opens the file system from; `path` the object's path on it;
+    `shown` its URI without credentials or query, used in messages and shard manifests."""
+
+    root: str = field(repr=False)
+    path: str
+    shown: str
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.shown
+
+    def filesystem(self) -> Any:
+        return _filesystem(self.root)[0]
+
+    def open(self, buffered: bool = True) -> Any:
+        """A seekable reader (pyarrow's `open_input_file`: ranged reads, no local copy);
+        buffered, it reads like a local file (lines, `gzip`, zstd)."""
+        native = self.filesystem().open_input_file(self.path)
+        # each read of the raw file is one ranged GET on S3/GCS: buffer 8 MB at a time
+        return io.BufferedReader(_ArrowRaw(native), 8 << 20) if buffered else native
+
+    def stamp(self) -> Stamp:
+        """Size, mtime and (where the file system reports one, as S3 does) a hash of the ETag,
+        which changes when an object is replaced even within its mtime's second."""
+        fs = self.filesystem()
+        info = fs.get_file_info(self.path)
+        with fs.open_input_file(self.path) as f:
+            size, meta = f.size(), f.metadata()
+        etag = next((v for k, v in meta.items() if k.lower() == "etag"), b"")
+        etag = etag.encode() if isinstance(etag, str) else etag
+        version = xxhash.xxh64_intdigest(etag) >> 2 if etag else 0  # fits int64 (shard tables)
+        return size, info.mtime_ns or 0, version, 0, 0
+
+
+InputFile = Union[Path, RemoteFile]  # noqa: UP007
+
+_FILESYSTEMS: dict[str, tuple[Any, str]] = {}  # per process: a URI's file system, made once
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    """`FileSystem.from_uri(uri)`: credentials come from the environment (AWS_*, GOOGLE_*,
+    ...) or the URI (`?endpoint_override=...&scheme=http`) as pyarrow reads them."""
+    if uri not in _FILESYSTEMS:
+        import pyarrow.fs as pafs
+
+        try:
+            _FILESYSTEMS[uri] = pafs.FileSystem.from_uri(uri)
+        except (ValueError, OSError, TypeError) as exc:  # ArrowInvalid is a ValueError
+            raise ConfigError(f"cannot open the file system of {_shown(uri)}: {exc}") from None
+    return _FILESYSTEMS[uri]
+
+
+def _shown(uri: str) -> str:
+    """The URI without its query and without `user:secret@` (abfs's `container@` stays)."""
+    parts = urlsplit(uri)
+    netloc = parts.netloc
+    if "@" in netloc and ":" in netloc.rsplit("@", 1)[0]:
+        netloc = netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _is_uri(text: str) -> bool:
+    return _URI.match(text) is not None
+
+
+def _expand_remote(uri: str) -> list[RemoteFile]:
+    """A URI's files, as `expand_inputs` finds local ones: one object, a directory's
+    (prefix's) data files, or a glob's matches (`*`, `[...]`, `**`; a `?` starts the URI's
+    query) listed from the pattern's fixed head. Listed entries carry their type: no further request per file."""
+    import pyarrow.fs as pafs
+
+    parts = urlsplit(uri)
+    segments = parts.path.split("/")
+    magic = [i for i, seg in enumerate(segments) if any(ch in seg for ch in "*?[")]
+    if magic:
+        head, pattern = segments[: magic[0]], segments[magic[0] :]
+        root = urlunsplit((parts.scheme, parts.netloc, "/".join(head) + "/", parts.query, ""))
+    else:
+        root, pattern = uri, []
+    fs, base = _filesystem(root)
+    base = base.rstrip("/") or base
+
+    def remote(path: str) -> RemoteFile:
+        tail = path[len(base) :] if path.startswith(base) else "/" + path
+        return RemoteFile(root, path, _shown(root).rstrip("/") + tail)
+
+    try:
+        if pattern:
+            recursive = len(pattern) > 1 or "**" in pattern
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=recursive, allow_not_found=True))
+            infos = [i for i in infos if _glob_match(i.path[len(base) :].lstrip("/").split("/"), pattern)]
+            if not infos:
+                raise ConfigError(f"input pattern {_shown(uri)!r} matches no file")
+        else:
+            info = fs.get_file_info(base)
+            if info.type == pafs.FileType.NotFound:
+                raise InputError(
+                    _shown(uri), None, "does not exist (no such object or prefix; check the URI and credentials)"
+                )
+            if info.type != pafs.FileType.Directory:
+                return [remote(info.path)]
+            infos = [
+                i for i in fs.get_file_info(pafs.FileSelector(base)) if _format_of(Path(i.base_name), strict=False)
+            ]
+            if not infos:
+                raise ConfigError(f"input directory {_shown(uri)!r} holds no {', '.join(_FORMATS)} file")
+    except OSError as exc:
+        raise InputError(_shown(uri), None, f"cannot list the files: {exc}") from None
+    found = []
+    for info in infos:
+        if info.type == pafs.FileType.Directory:
+            if not _format_of(Path(info.base_name), strict=False):
+                continue  # as locally: a matched directory is skipped unless named like data
+            raise InputError(remote(info.path), None, _A_DIRECTORY)
+        found.append(remote(info.path))
+    return found
+
+
+def _glob_match(parts: list[str], pattern: list[str]) -> bool:
+    """`glob` semantics on path segments: `**` spans any number of them; a wildcard does
+    not match a hidden name."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(
+            _glob_match(parts[i:], pattern[1:])
+            for i in range(len(parts) + 1)
+            if not any(p.startswith(".") for p in parts[:i])
+        )
+    if not parts or (parts[0].startswith(".") and not pattern[0].startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
+
+
+def expand_inputs(inputs: Inputs) -> list[InputFile]:
+    """Resolve files, directories' children and glob patterns to a sorted, de-duplicated list
+    (local paths, or `RemoteFile`s for URIs such as `s3://bucket/dir/*.jsonl`)."""
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not items:
         raise ConfigError("no input files given")
     found: list[Path] = []
+    remote: list[RemoteFile] = []
     for item in items:
         text = os.fspath(item)
-        if any(ch in text for ch in "*?["):
+        if isinstance(item, str) and _is_uri(text):
+            remote.extend(_expand_remote(text))
+        elif any(ch in text for ch in "*?["):
             # a matched directory is skipped unless it is named like data (Spark's `x.parquet/`)
             matches = [
                 Path(m)
@@ -73,7 +226,13 @@ def expand_inputs(inputs: Inputs) -> list[Path]:
     for path in found:
         _check_regular(path)
         _format_of(path)
-    return sorted(set(found), key=lambda p: os.fspath(p))
+    for file in remote:
+        _format_of(file)
+    if not remote:
+        local: list[Path] = sorted(set(found), key=lambda p: os.fspath(p))
+        return list(local)
+    both: set[InputFile] = {*found, *remote}
+    return sorted(both, key=lambda p: str(p) if isinstance(p, RemoteFile) else os.fspath(p))
 
 
 def _check_regular(path: Path) -> None:
@@ -89,12 +248,7 @@ def _check_regular(path: Path) -> None:
     if stat.S_ISREG(mode):
         return
     if stat.S_ISDIR(mode):
-        raise InputError(
-            path,
-            None,
-            "is a directory inside an input directory or pattern; directories are "
-            "not searched recursively: pass it (or a glob of its files) as an input",
-        )
+        raise InputError(path, None, _A_DIRECTORY)
     kind = (
         "a named pipe (FIFO)"
         if stat.S_ISFIFO(mode)
@@ -112,7 +266,13 @@ def _check_regular(path: Path) -> None:
     )
 
 
-def _format_of(path: Path, strict: bool = True) -> str | None:
+_A_DIRECTORY = (
+    "is a directory inside an input directory or pattern; directories are "
+    "not searched recursively: pass it (or a glob of its files) as an input"
+)
+
+
+def _format_of(path: InputFile, strict: bool = True) -> str | None:
     name = path.name.lower()
     for ext in _FORMATS:
         if name.endswith(ext):
@@ -125,31 +285,72 @@ def _format_of(path: Path, strict: bool = True) -> str | None:
 Stamp = tuple[int, int, int, int, int]
 
 
-def fingerprint_inputs(paths: Sequence[Path], stamps: Sequence[Stamp] | None = None) -> str:
+def fingerprint_inputs(paths: Sequence[InputFile], stamps: Sequence[Stamp] | None = None) -> str:
     """A hash of the input files' bytes and formats, in order (not their names or mtimes).
     `stamps` (a `RecordReader`'s): the files must still be as the reader found them, so the
     hash describes exactly what the reader reads."""
     h = xxhash.xxh3_128()
     for i, path in enumerate(paths):
         h.update(f"{_format_of(path)}\0".encode())
-        with _open(path) as f:
-            before = _stamp(os.fstat(f.fileno()))
+        with _open(path, buffered=False) as f:
+            before = path.stamp() if isinstance(path, RemoteFile) else _stamp(os.fstat(f.fileno()))
             if stamps is not None:
                 _check_unchanged(path, stamps[i], before)
             size = 0
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-                size += len(chunk)
-            _check_unchanged(path, before, _stamp(os.fstat(f.fileno())), size)
+            try:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+                    size += len(chunk)
+            except OSError as exc:
+                raise InputError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
+            _check_unchanged(
+                path, before, path.stamp() if isinstance(path, RemoteFile) else _stamp(os.fstat(f.fileno())), size
+            )
         h.update(f"\0{size}\0".encode())
     return h.hexdigest()
 
 
-def _open(path: Path) -> BinaryIO:
+def _open(path: InputFile, buffered: bool = True) -> BinaryIO:
+    """A local file as `open` gives it; a remote one through pyarrow (unbuffered: its own
+    reader, for Parquet and plain block reads)."""
     try:
+        if isinstance(path, RemoteFile):
+            return path.open(buffered)  # type: ignore[no-any-return,unused-ignore]
         return open(path, "rb")
     except OSError as exc:
         raise InputError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
+
+
+def _stamp_of(path: InputFile) -> Stamp:
+    """The file's `Stamp` now (a local path's `stat`, a remote file's `RemoteFile.stamp`)."""
+    return path.stamp() if isinstance(path, RemoteFile) else _stamp(path.stat())
+
+
+class _ArrowRaw(io.RawIOBase):
+    """A pyarrow input file as a raw stream, so that `io.BufferedReader` (lines), `gzip`
+    and the zstd reader read it as they read a local file."""
+
+    def __init__(self, native: Any) -> None:
+        self._native = native
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return int(self._native.readinto(buffer))
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return int(self._native.seek(pos, whence))
+
+    def tell(self) -> int:
+        return int(self._native.tell())
+
+    def close(self) -> None:
+        self._native.close()
+        super().close()
 
 
 def _stamp(st: os.stat_result) -> Stamp:
@@ -158,7 +359,7 @@ def _stamp(st: os.stat_result) -> Stamp:
     return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns
 
 
-def _check_unchanged(path: Path, before: Stamp, after: Stamp, size: int | None = None) -> None:
+def _check_unchanged(path: InputFile, before: Stamp, after: Stamp, size: int | None = None) -> None:
     """A file written to while it is read gives a store of neither version (and a fingerprint
     that does not describe it): refuse it."""
     if after != before or (size is not None and size != before[0]):
@@ -172,12 +373,12 @@ def _check_unchanged(path: Path, before: Stamp, after: Stamp, size: int | None =
 class RecordReader:
     """Streams records from files in order; `bytes_read` tracks progress over `total_bytes`."""
 
-    def __init__(self, paths: Sequence[Path]) -> None:
+    def __init__(self, paths: Sequence[InputFile]) -> None:
         self.paths = list(paths)
         self.stamps: list[Stamp] = []  # each file's `_stamp`, checked again after reading
         for path in self.paths:
             try:
-                self.stamps.append(_stamp(path.stat()))
+                self.stamps.append(_stamp_of(path))
             except OSError as exc:
                 raise InputError(path, None, f"cannot access the file: {exc.strerror or exc}") from None
         self.total_bytes = sum(stamp[0] for stamp in self.stamps)
@@ -205,7 +406,7 @@ class RecordReader:
                 for record in reader:
                     count += 1
                     yield record
-                after = _stamp(path.stat())
+                after = _stamp_of(path)
             except OSError as exc:  # a failing disk or network file system
                 raise InputError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
             _check_unchanged(path, stamp, after)
@@ -223,12 +424,12 @@ class RecordReader:
             raise ConfigError(f"{path}: only plain .jsonl files are read by byte ranges")
         try:
             yield from self._jsonl(path, ".jsonl", start, length)
-            after = _stamp(path.stat())
+            after = _stamp_of(path)
         except OSError as exc:
             raise InputError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
         _check_unchanged(path, self.stamps[index], after)
 
-    def _jsonl(self, path: Path, fmt: str, start: int = 0, length: int | None = None) -> Iterator[Record]:
+    def _jsonl(self, path: InputFile, fmt: str, start: int = 0, length: int | None = None) -> Iterator[Record]:
         source = str(path)
         lineno = 0
         with _open(path) as raw:
@@ -270,10 +471,10 @@ class RecordReader:
                     message = f"cannot read the file: {exc.strerror or exc}"
                 raise InputError(source, lineno + 1, message) from None
 
-    def _json_array(self, path: Path) -> Iterator[Record]:
+    def _json_array(self, path: InputFile) -> Iterator[Record]:
         """A JSON array of objects, streamed element by element (bounded memory)."""
         source = str(path)
-        with open(path, "rb") as raw:
+        with _open(path) if isinstance(path, RemoteFile) else open(path, "rb") as raw:
             self._raw = raw
             text = _JsonText(raw, source)
             text.skip_space()
@@ -307,13 +508,13 @@ class RecordReader:
             if not text.at_end():
                 raise InputError(source, text.line, "malformed JSON: extra data after the array")
 
-    def _parquet(self, path: Path) -> Iterator[Record]:
+    def _parquet(self, path: InputFile) -> Iterator[Record]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         source = str(path)
         row = 0
-        with _open(path) as raw:
+        with _open(path, buffered=False) as raw:  # a remote file: pyarrow's own reader
             self._raw = raw
             try:
                 batches = pq.ParquetFile(raw).iter_batches(batch_size=4096)
