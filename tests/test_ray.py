@@ -21,7 +21,7 @@ from test_shuffle_and_tokenize import sp_tokenizer  # noqa: F401  (a SentencePie
 from sftpack import InputError
 from sftpack.build import build
 from sftpack.config import BuildOptions
-from sftpack.store import open_store
+from sftpack.store import make_tmp, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample.jsonl"
@@ -238,7 +238,7 @@ def test_killed_driver_leaves_no_store_and_a_rerun_redoes_only_the_corrupted_sha
             build(SAMPLE, out, options)
     assert not out.exists()
     (staging,) = [p for p in tmp_path.iterdir() if ".tmp-shards-" in p.name]
-    done = sorted(staging.iterdir())
+    done = sorted(staging.glob("shard-*"))
     assert len(done) == len(shards[0]) > 2
     tokens = done[1] / "tokens.npy"
     data = bytearray(tokens.read_bytes())
@@ -327,3 +327,34 @@ def test_a_cache_dir_build_reuses_its_shards_after_a_killed_driver(ray_local, sh
     summary = build(SAMPLE, None, options, cache_dir=tmp_path)  # the cache's sweep keeps this build's shards
     assert [r["reused"] for r in shards[1]] == [True] * len(shards[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == [summary.path.name]
+
+
+def test_a_users_directory_or_symlink_at_the_staging_name_is_never_written_or_deleted(ray_local, tmp_path):
+    """Only a staging directory sftpack marked is used (and cleaned); a shard path that is a
+    symlink (to a user's store, say) is unlinked, never followed."""
+    from sftpack.distributed import staging_dir
+    from sftpack.errors import StoreError
+
+    options = BuildOptions(seq_length=64, engine="ray")
+    build(SAMPLE, tmp_path / "a", BuildOptions(seq_length=64), progress=False)
+    staging = staging_dir(tmp_path / "out", open_store(tmp_path / "a").fingerprint)
+    staging.mkdir()
+    (staging / "MY_THESIS.txt").write_text("years of work")
+    with pytest.raises(StoreError, match="not a staging directory of sftpack's"):
+        build(SAMPLE, tmp_path / "out", options, progress=False)
+    assert (staging / "MY_THESIS.txt").read_text() == "years of work"
+    (staging / "MY_THESIS.txt").rename(tmp_path / "thesis.txt")
+    staging.rmdir()
+    staging.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(StoreError, match="not a staging directory of sftpack's"):
+        build(SAMPLE, tmp_path / "out", options, progress=False)
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+    staging.unlink()
+    make_tmp(staging)
+    user_store = tmp_path / "a"  # a user's production store, linked where a shard would be
+    before = {p.name: p.read_bytes() for p in user_store.iterdir()}
+    (staging / "shard-000000").symlink_to(user_store, target_is_directory=True)
+    build(SAMPLE, tmp_path / "out", options, progress=False)
+    assert {p.name: p.read_bytes() for p in user_store.iterdir()} == before
+    same_store(tmp_path / "out", tmp_path / "a")

@@ -23,7 +23,7 @@ import sftpack.build
 import sftpack.store
 from sftpack.build import BuildOptions, build
 from sftpack.errors import InputError, StoreError
-from sftpack.store import MANIFEST, StoreWriter, open_store, read_manifest
+from sftpack.store import MANIFEST, StoreWriter, make_tmp, open_store, read_manifest
 from sftpack.tokenizers import Encoded, QuicktokTokenizer, load_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*special-token strings:UserWarning")
@@ -171,7 +171,7 @@ def test_rerun_clears_what_a_killed_commit_left(tmp_path, llama3, state):
         shutil.copytree(ref, old)
         shutil.copytree(ref, tmp)
     else:  # killed while writing
-        tmp.mkdir()
+        make_tmp(tmp)
         (tmp / "tokens.npy").write_bytes(b"\0" * 4096)
     summary = build(data, target, options, llama3, progress=False)
     # a previous store moved aside by a killed commit is put back (and, matching, reused)

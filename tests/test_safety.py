@@ -25,8 +25,9 @@ import sftpack.store
 from sftpack import PackedSFTDataset, open_packed
 from sftpack.build import BuildOptions, build
 from sftpack.cli import main
+from sftpack.config import make_options
 from sftpack.errors import StoreError
-from sftpack.store import MANIFEST, StoreWriter, _manifest_checksum, checksum, open_store, read_manifest
+from sftpack.store import MANIFEST, StoreWriter, _manifest_checksum, checksum, make_tmp, open_store, read_manifest
 from sftpack.tokenizers import load_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*special-token strings:UserWarning")
@@ -650,11 +651,39 @@ def test_a_killed_cache_build_is_swept_by_the_next_build_of_any_entry(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     stale_tmp = cache / ".0123abcd.tmp-999999-deadbeef"  # another entry's build, killed by the OOM killer
-    stale_tmp.mkdir()
+    make_tmp(stale_tmp)
     (stale_tmp / "tokens.npy").write_bytes(b"\0" * 4096)
     (cache / ".0123abcd.lock").write_text("")
     ds = PackedSFTDataset("llama3", data, 16, cache_dir=cache)
     assert sorted(p.name for p in cache.iterdir()) == [ds.path.name]
+
+
+def _user_dirs_named_like_leftovers(where, name):
+    """A user's directories (and a symlink) that merely have the names of a build's leftovers."""
+    (tmp := where / f".{name}.tmp-draft").mkdir()
+    (tmp / "thesis.tex").write_text("chapter 1")
+    (old := where / f".{name}.old-2024").mkdir()
+    (old / "settings.ini").write_text("[user]")
+    (where / "elsewhere").mkdir()
+    (where / "elsewhere" / "keep.txt").write_text("keep")
+    (where / f".{name}.tmp-link").symlink_to(where / "elsewhere")
+    return {tmp / "thesis.tex": "chapter 1", old / "settings.ini": "[user]", where / "elsewhere" / "keep.txt": "keep"}
+
+
+def test_only_what_sftpack_marked_is_cleaned_as_a_leftover(tmp_path):
+    """Cleanup deletes a directory only when sftpack can tell it made it (its mark inside,
+    a complete store of its own, or an empty one): a user's `.NAME.tmp-*`/`.NAME.old-*`
+    directories beside --out or in a cache, and symlinks named so, are left alone."""
+    data = _jsonl(tmp_path / "data.jsonl", _rows(30))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    files = _user_dirs_named_like_leftovers(cache, "0123abcd")
+    files |= _user_dirs_named_like_leftovers(tmp_path, "store")
+    PackedSFTDataset("llama3", data, 16, cache_dir=cache)
+    build(data, tmp_path / "store", make_options(seq_length=16), "llama3", progress=False)
+    for path, text in files.items():
+        assert path.read_text() == text
+    assert (tmp_path / ".store.tmp-link").is_symlink()
 
 
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path):

@@ -33,15 +33,19 @@ import numpy as np
 
 from . import __version__, errors
 from .config import BuildOptions
-from .errors import ConfigError, InputError, SFTPackError, TokenizerError
-from .records import InputFile, RecordReader, RemoteFile, _format_of, _open
+from .errors import ConfigError, InputError, SFTPackError, StoreError, TokenizerError
+from .records import InputFile, RecordReader, RemoteFile, _check_unchanged, _format_of, _open, _stamp_of
 from .store import (
     MANIFEST,
+    TMP_MARK,
     Store,
     StoreWriter,
     _remove_tree,
     clean_stale,
+    make_tmp,
+    mark_tmp,
     open_store,
+    owned_tmp,
     target_lock,
     token_dtype,
 )
@@ -94,6 +98,9 @@ def plan_shards(reader: RecordReader, shard_bytes: int | None = None) -> list[di
                     "size": size,
                     "mtime_ns": stamp[1],
                     "version": stamp[2] if isinstance(path, RemoteFile) else 0,
+                    # a local file's inode and ctime: a same-size copy keeping the mtime (`cp -p`) changes them
+                    "ino": 0 if isinstance(path, RemoteFile) else stamp[2],
+                    "ctime_ns": 0 if isinstance(path, RemoteFile) else stamp[4],
                 }
             )
     return shards
@@ -151,7 +158,7 @@ def encode_on_ray(
         kind=_first_kind(reader, schema),
     )
     shards = plan_shards(reader)
-    Path(job.staging).mkdir(exist_ok=True)
+    _claim_staging(Path(job.staging))
     started = not ray.is_initialized()
     if started:
         where = options.ray_address or os.environ.get("RAY_ADDRESS")
@@ -171,12 +178,28 @@ def encode_on_ray(
         documents = (documents if shard["start"] else 0) + result["documents"]
         if shard["start"] + shard["length"] == shard["size"] and documents == 0:
             raise InputError(reader.paths[shard["file"]], None, "the file holds no documents (it is empty or blank)")
+    for path, stamp in zip(reader.paths, reader.stamps):  # still as fingerprinted, seen from here too
+        _check_unchanged(path, stamp, _stamp_of(path))
     special_docs = 0
     for shard, result in zip(shards, results):
         _append(writer, open_store(_shard_path(job, shard)))
         special_docs += result["special_docs"]
     _remove_tree(Path(job.staging))  # every shard is in the writer; a leftover is cleaned by the next build
     return special_docs
+
+
+def _claim_staging(staging: Path) -> None:
+    """Create the staging directory, or reuse it if it is sftpack's: a symlink or a directory
+    of someone else's at that name is never written into (nor, later, cleaned)."""
+    if not os.path.lexists(staging):
+        make_tmp(staging)
+        return
+    if not owned_tmp(staging):
+        raise StoreError(
+            f"{staging} exists and is not a staging directory of sftpack's (a symlink, a file, or a directory "
+            f"without {TMP_MARK}); sftpack will neither write into it nor delete it: move it away and rerun"
+        )
+    mark_tmp(staging)  # an empty directory (a killed start) is taken over
 
 
 def _run(ray: Any, job: _Job, shards: list[dict[str, Any]], bar: Any) -> list[dict[str, Any]]:
@@ -280,13 +303,16 @@ def run_shard(job: _Job, shard: dict[str, Any]) -> dict[str, Any]:
             unit = "" if exc.line is None else where[len(exc.source) + 1 : -len(str(exc.line))]
             result.update(message=exc.reason, line=-1 if exc.line is None else exc.line, unit=unit)
         return {**result, "documents": 0, "special_docs": 0}
-    counts = store.manifest["counts"]
-    return {**result, "documents": counts["documents"], "special_docs": counts["special_token_documents"]}
+    special = store.manifest["counts"]["special_token_documents"]
+    return {**result, "documents": len(store.doc_offsets) - 1, "special_docs": special}
 
 
 def _verified(path: Path, job: _Job, shard: dict[str, Any]) -> Store | None:
     """The finished shard at `path` when every checksum, the fingerprint and the range match."""
     if not os.path.lexists(path):
+        return None
+    if path.is_symlink():  # never followed: only the link goes
+        path.unlink()
         return None
     try:
         store = open_store(path, verify=True) if (path / MANIFEST).is_file() else None
@@ -317,8 +343,9 @@ def _write_shard(path: Path, job: _Job, shard: dict[str, Any]) -> Store:
     if shard["root"]:  # a URI: this task reads it from the file system itself (ranged reads)
         source = RemoteFile(shard["root"], shard["object"], shard["path"])
     reader = RecordReader([source])
-    if reader.stamps[0][:2] != (shard["size"], shard["mtime_ns"]) or (
-        shard["root"] and reader.stamps[0][2] != shard["version"]
+    stamp = reader.stamps[0]
+    if stamp[:2] != (shard["size"], shard["mtime_ns"]) or (
+        (stamp[2] != shard["version"]) if shard["root"] else ((stamp[2], stamp[4]) != (shard["ino"], shard["ctime_ns"]))
     ):
         raise InputError(source, None, "the file changed since the build began; rerun once it is complete")
     records = reader.read_range(0, shard["start"], shard["length"]) if shard["ranged"] else iter(reader)

@@ -36,6 +36,8 @@ from .errors import StoreError
 FORMAT = "sftpack.packed"
 VERSION = 2
 MANIFEST = "manifest.json"
+TMP_MARK = ".sftpack-tmp"  # inside every temporary directory sftpack makes: only those are cleaned
+_MARK_TEXT = b"a temporary directory of an sftpack build: removed by the next build\n"
 ARRAYS = {"tokens": "tokens.npy", "loss_mask": "loss_mask.npy", "doc_offsets": "doc_offsets.npy"}
 # tokenizers whose first document of a stream encodes differently (SentencePiece) also
 # store that variant of every document, so that any plan may put any document first
@@ -204,12 +206,38 @@ def clean_stale(target: Path, keep: Path | None = None) -> None:
     entries = sorted(parent.iterdir())
     if not os.path.lexists(target):
         for entry in entries:
-            if entry.name.startswith(old) and owned_store(entry):
+            if entry.name.startswith(old) and not entry.is_symlink() and owned_store(entry):
                 os.replace(entry, target)
                 break
     for entry in entries:
-        if (entry.name.startswith(tmp) or entry.name.startswith(old)) and os.path.lexists(entry) and entry != keep:
+        if (entry.name.startswith(tmp) or entry.name.startswith(old)) and entry != keep and owned_tmp(entry):
             _remove_tree(entry)
+
+
+def make_tmp(path: Path) -> None:
+    """Create the temporary directory `path`, marked as sftpack's (see `owned_tmp`)."""
+    path.mkdir()
+    mark_tmp(path)
+
+
+def mark_tmp(path: Path) -> None:
+    """Mark the directory `path` as a temporary one of sftpack's: `clean_stale` may remove it."""
+    (path / TMP_MARK).write_bytes(_MARK_TEXT)
+
+
+def owned_tmp(path: Path) -> bool:
+    """True for a directory that sftpack may delete as a leftover of its own builds: one it
+    marked (`make_tmp`), a complete store of its own, or an empty one. A symlink, a file or a
+    user's directory that happens to have such a name is never touched."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    mark = path / TMP_MARK
+    try:
+        if not mark.is_symlink() and mark.is_file() and mark.read_bytes() == _MARK_TEXT:
+            return True
+    except OSError:
+        return False
+    return owned_store(path) or not any(path.iterdir())
 
 
 def _remove_tree(path: Path) -> OSError | None:
@@ -292,7 +320,7 @@ class StoreWriter:
         self._done = False
         self._appenders: list[_Appender] = []
         try:
-            self.tmp.mkdir()  # inside: a Ctrl-C handled as mkdir returns must remove it too
+            make_tmp(self.tmp)  # inside: a Ctrl-C handled as mkdir returns must remove it too
             self._start_arrays()
         except BaseException:
             self.abort()
@@ -360,10 +388,13 @@ class StoreWriter:
                 "xxh3_128": checksum(path),
             }
             del arr
-        _write_manifest(self.tmp, {"format": FORMAT, "version": VERSION, **manifest, "files": files})
+        counts = {**manifest.get("counts", {}), "documents": self.n_docs, "tokens": self.n_tokens}
+        counts["supervised_tokens"] = self.n_supervised  # what was written, whatever the caller counted
+        _write_manifest(self.tmp, {"format": FORMAT, "version": VERSION, **manifest, "counts": counts, "files": files})
         if check is not None:
             check(self.tmp)
         prepare_target(self.target)  # still empty or our own store: nothing was put there meanwhile
+        (self.tmp / TMP_MARK).unlink()  # a complete store now: `owned_tmp` knows it without the mark
         old = None
         with _signals_deferred():  # Ctrl-C between the two renames would leave no store at the target
             if os.path.lexists(self.target):
@@ -378,6 +409,8 @@ class StoreWriter:
             self._done = True
         _fsync_dir(self.target.parent)
         if old is not None:
+            with contextlib.suppress(OSError):  # a removal cut short then leaves a marked leftover
+                mark_tmp(old)
             _remove_tree(old)  # best effort: a leftover is removed by the next build of this target
         return self.target
 
@@ -479,6 +512,10 @@ def _shape_error(manifest: dict[str, Any]) -> str | None:
             return f"file entry {key!r} lacks a length, size or checksum"
     if any(files[k]["dtype"] != token_dtype(tok["vocab_size"]).name for k in ("tokens", "first_tokens") if k in files):
         return "the token dtype does not match the vocabulary size"
+    if counts["documents"] != files["doc_offsets"]["length"] - 1 or counts["tokens"] != files["tokens"]["length"]:
+        return "counts.documents or counts.tokens disagree with the arrays"
+    if counts["supervised_tokens"] > counts["tokens"] or counts["special_token_documents"] > counts["documents"]:
+        return "counts.supervised_tokens or counts.special_token_documents exceed the tokens or documents"
     return None
 
 
