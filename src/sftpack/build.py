@@ -178,6 +178,7 @@ def build(
         eos_token=tok.eos_token,
         special_tokens=list(tok.special_tokens),
         last_turn_only=options.last_turn_only,
+        reasoning=options.reasoning,
     )
     reader = RecordReader(paths)  # records each file's size and mtime: the fingerprint and the read must agree
     fp = fingerprint(reader, tok, template, schema, options)
