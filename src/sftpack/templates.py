@@ -409,7 +409,10 @@ class PromptTemplate:
         values: dict[str, str] = {}
         trained_response = True
         if chat.tools:
-            raise ConfigError("the conversation has tools; a prompt/response template cannot show them")
+            raise ConfigError(
+                "the conversation has tools; a prompt/response template cannot show them: "
+                "use template='chat' or a chat template file"
+            )
         for i, message in enumerate(messages):
             role = message.get("role")
             slot = {"user": "prompt", "assistant": "response", "system": "system"}.get(str(role), "")
@@ -570,10 +573,10 @@ def _alias_reasoning(message: Message) -> Message:
     return message
 
 
-# Sentinels stand for the runs of message text in the skeleton rendering. Private-use
-# characters: no template test, filter or JSON encoding changes them.
-_S0, _S1 = "\ue000", "\ue001"
-_SENTINEL = re.compile("\ue000([0-9]+)\ue001")
+# Sentinels stand for the runs of message text in the skeleton rendering: rare printable
+# brackets, which neither JSON (tojson) nor Python's repr (a list rendered as text) escapes.
+_S0, _S1 = "\u2983", "\u2984"
+_SENTINEL = re.compile("\u2983([0-9]+)\u2984")
 _TAG = re.compile(r"(</?think>)")
 _EDGES = re.compile(r"(\s*)(.*?)(\s*)", re.S)
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
@@ -815,8 +818,16 @@ class ChatTemplate:
         template is rendered again with a sentinel for every run of message text (tags such
         as <think> and edge whitespace kept), and the real rendering is walked against it."""
         chat = as_chat(turns)
+        try:
+            text, generated = self._render(chat.messages, chat.tools, generation=self.has_generation)
+        except ConfigError:
+            flat = _joined_text_parts(chat.messages)
+            if flat is None:
+                raise
+            # a template that renders string content only (transformers fails there): text parts joined
+            chat = Chat(flat, chat.tools, chat.instruction, chat.input)
+            text, generated = self._render(chat.messages, chat.tools, generation=self.has_generation)
         messages = chat.messages
-        text, generated = self._render(messages, chat.tools, generation=self.has_generation)
         occurrences = self._locate(text, chat)
         if occurrences is None:
             if not self.has_generation:
@@ -835,7 +846,15 @@ class ChatTemplate:
         if not trained and not any(m.get("role") == "assistant" for m in messages):
             raise ConfigError("the chat template does not render any assistant message")
         if self.reasoning == "mask":
-            trained = _subtract(trained, [self._reasoning_span(runs_of.get(i, [])) for i in targets])
+            holes = []
+            for i in targets:
+                start, end = self._reasoning_span(runs_of.get(i, []))
+                if end > start:
+                    # the opening <think> before it, where no other text lies in between
+                    previous = max((e for s, e, _, _ in occurrences if e <= start), default=0)
+                    opening = text.rfind(_THINK_OPEN, previous, start)
+                    holes.append((opening if opening >= 0 else start, end))
+            trained = _subtract(trained, holes)
         content = [(s, e) for s, e, _, _ in occurrences]
         return self._finish(text, trained, content)
 
@@ -895,7 +914,6 @@ class ChatTemplate:
             return (0, 0)
         start, last = reasoning[0][0], max(e for _, e in reasoning)
         answers = [s for s, _, r in runs if not r and s >= last]
-        # the opening tag before the first reasoning run belongs to it too
         return (start, min(answers) if answers else last)
 
     def _generation_spans(
@@ -931,7 +949,8 @@ class ChatTemplate:
         targets: list[int],
     ) -> list[Span]:
         """Each trained message from the end of the generation prompt before its first run of
-        text to the end-of-turn token after its last."""
+        text (templates without one, such as Mistral's: from the text itself) to the
+        end-of-turn token after its last."""
         prompts, end_marker = self._turn_markers()
         trained: list[Span] = []
         starts = sorted((s, e, m) for s, e, m, _ in occurrences)
@@ -988,6 +1007,18 @@ class ChatTemplate:
             return tuple(out)
 
         return Rendered(text, tuple(x for x in clip(trained) if x[1] > x[0]), clip(content), train_eos)
+
+
+def _joined_text_parts(messages: list[Message]) -> list[Message] | None:
+    """The messages with list content made of text parts only joined into strings (None if
+    there is none such, or a part is not text)."""
+    lists = [m for m in messages if isinstance(m.get("content"), list)]
+    if not lists or any(p.get("type") != "text" for m in lists for p in m["content"]):
+        return None
+    return [
+        {**m, "content": "".join(p["text"] for p in m["content"])} if isinstance(m.get("content"), list) else m
+        for m in messages
+    ]
 
 
 def _subtract(spans: list[Span], holes: list[Span]) -> list[Span]:
