@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -578,7 +578,6 @@ def _alias_reasoning(message: Message) -> Message:
 _S0, _S1 = "\u2983", "\u2984"
 _SENTINEL = re.compile("\u2983([0-9]+)\u2984")
 _TAG = re.compile(r"(</?think>)")
-_EDGES = re.compile(r"(\s*)(.*?)(\s*)", re.S)
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 
@@ -597,6 +596,11 @@ class _Runs:
         if not value.strip():
             self.items.append((message, reasoning, value))
             return f"{_S0}{len(self.items) - 1}{_S1}"
+        if "think>" not in value:  # the common case: one run inside the edge whitespace
+            core = value.strip()
+            at = value.index(core[0])
+            self.items.append((message, reasoning, core))
+            return f"{value[:at]}{_S0}{len(self.items) - 1}{_S1}{value[at + len(core) :]}"
         out = []
         opens, closes = value.find(_THINK_OPEN), value.find(_THINK_CLOSE)
         # text before a </think> without its opening tag is reasoning too (R1 output starts inside it)
@@ -609,11 +613,12 @@ class _Runs:
                 elif piece == _THINK_CLOSE:
                     think = reasoning
                 continue
-            lead, core, trail = _EDGES.fullmatch(piece).groups()  # type: ignore[union-attr]
+            core = piece.strip()
             if core:
+                at = piece.index(core[0])
                 self.items.append((message, think, core))
-                core = f"{_S0}{len(self.items) - 1}{_S1}"
-            out.append(lead + core + trail)
+                piece = f"{piece[:at]}{_S0}{len(self.items) - 1}{_S1}{piece[at + len(core) :]}"
+            out.append(piece)
         return "".join(out)
 
     def mark_value(self, value: Any, message: int) -> Any:
@@ -662,40 +667,56 @@ class _Unaligned(Exception):
     """The real rendering does not follow the skeleton."""
 
 
-def _candidates(value: str) -> list[str]:
-    escaped = json.dumps(value, ensure_ascii=False)[1:-1]
-    out = [value]
-    for c in (escaped, value.strip(), value.lstrip(), value.rstrip(), json.dumps(value)[1:-1], ""):
-        if c not in out:
-            out.append(c)
-    return out
+def _candidates(value: str) -> Iterator[str]:
+    """How a run may come out: verbatim, JSON-escaped (tojson), trimmed, ASCII-escaped, gone."""
+    yield value
+    seen = {value}
+    for make in (
+        lambda: json.dumps(value, ensure_ascii=False)[1:-1],
+        value.strip,
+        value.lstrip,
+        value.rstrip,
+        lambda: json.dumps(value)[1:-1],
+        lambda: "",
+    ):
+        candidate = make()
+        if candidate not in seen:
+            seen.add(candidate)
+            yield candidate
 
 
-def _align(text: str, skeleton: str, runs: _Runs) -> list[tuple[int, int, int]]:
+Skeleton = tuple[list[str], list[int]]
+
+
+def _split_skeleton(skeleton: str) -> Skeleton:
+    """A skeleton as its literal pieces and, between them, the runs its sentinels stand for."""
+    pieces = _SENTINEL.split(skeleton)
+    return pieces[0::2], [int(r) for r in pieces[1::2]]
+
+
+def _align(text: str, skeleton: Skeleton, runs: _Runs) -> list[tuple[int, int, int]]:
     """Where each sentinel of the skeleton lies in the real text: (start, end, run), in order.
     The skeleton's literal text must equal the real text's between them; a run may come out
     verbatim, trimmed or JSON-escaped (tojson)."""
-    found = list(_SENTINEL.finditer(skeleton))
+    literals, ids = skeleton
+    items = runs.items
+    if ids and max(ids) >= len(items):
+        raise _Unaligned
     out: list[tuple[int, int, int]] = []
-    pos = mark = 0
-    for k, m in enumerate(found):
-        literal = skeleton[mark : m.start()]
-        if not text.startswith(literal, pos):
-            raise _Unaligned
-        pos += len(literal)
-        mark = m.end()
-        following = skeleton[mark : found[k + 1].start() if k + 1 < len(found) else len(skeleton)]
-        run = int(m.group(1))
-        if run >= len(runs.items):
-            raise _Unaligned
-        for candidate in _candidates(runs.items[run][2]):
-            if text.startswith(candidate, pos) and text.startswith(following, pos + len(candidate)):
-                out.append((pos, pos + len(candidate), run))
-                pos += len(candidate)
+    startswith = text.startswith
+    if not startswith(literals[0]):
+        raise _Unaligned
+    pos = len(literals[0])
+    for run, following in zip(ids, literals[1:]):
+        for candidate in _candidates(items[run][2]):
+            end = pos + len(candidate)
+            if startswith(candidate, pos) and startswith(following, end):
+                out.append((pos, end, run))
+                pos = end + len(following)
                 break
         else:
             raise _Unaligned
-    if text[pos:] != skeleton[mark:]:
+    if pos != len(text):
         raise _Unaligned
     return out
 
@@ -741,6 +762,7 @@ class ChatTemplate:
         self._specials = sorted((s for s in special_tokens if s), key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, self._specials))) if self._specials else None
         self._markers: tuple[list[str], str | None] | None = None
+        self._skeletons: dict[Any, Skeleton] = {}
 
     def fingerprint(self) -> str:
         return f"chat2:{xxhash.xxh3_64_hexdigest(self.source.encode())}:{self.last_turn_only}:{self.reasoning}"
@@ -860,15 +882,24 @@ class ChatTemplate:
 
     def _locate(self, text: str, chat: Chat) -> list[tuple[int, int, int, bool]] | None:
         """(start, end, message, is reasoning) of every rendered run of message text, or None
-        where the rendering depends on the text beyond what sentinels can stand in for."""
+        where the rendering depends on the text beyond what sentinels can stand in for. The
+        skeleton is a function of the marked conversation alone: cached by it (conversations
+        share a few shapes), so a record costs one rendering, its own."""
         for assistants_only in (False, True):
             runs = _Runs()
             marked = [
                 _mark_message(runs, m, i) if not assistants_only or m.get("role") == "assistant" else m
                 for i, m in enumerate(chat.messages)
             ]
+            key = _freeze(marked, chat.tools)
+            skeleton = self._skeletons.get(key) if key is not None else None
             try:
-                skeleton, _ = self._render(marked, chat.tools)
+                if skeleton is None:
+                    skeleton = _split_skeleton(self._render(marked, chat.tools)[0])
+                    if key is not None:
+                        if len(self._skeletons) >= 4096:
+                            self._skeletons.clear()
+                        self._skeletons[key] = skeleton
                 found = _align(text, skeleton, runs)
             except (ConfigError, _Unaligned):
                 continue
@@ -884,7 +915,8 @@ class ChatTemplate:
             runs = _Runs()
             marked = [_mark_message(runs, x, j) if j == i else x for j, x in enumerate(chat.messages)]
             try:
-                _align(self._render(chat.messages, chat.tools)[0], self._render(marked, chat.tools)[0], runs)
+                text = self._render(chat.messages, chat.tools)[0]
+                _align(text, _split_skeleton(self._render(marked, chat.tools)[0]), runs)
             except (ConfigError, _Unaligned):
                 return (
                     f"the chat template renders {_where(i)} differently depending on its text, so which "
@@ -1007,6 +1039,27 @@ class ChatTemplate:
             return tuple(out)
 
         return Rendered(text, tuple(x for x in clip(trained) if x[1] > x[0]), clip(content), train_eos)
+
+
+def _freeze(messages: list[Message], tools: Any) -> Any:
+    """A hashable key for a marked conversation: message items as tuples where the values
+    are plain, else the JSON text; None where it cannot be had."""
+    out: list[Any] = []
+    for m in messages:
+        items = tuple(m.items())
+        if all(type(v) in (str, int, bool, float) for _, v in items):
+            out.append(items)
+        else:
+            try:
+                out.append(json.dumps(m, sort_keys=True))
+            except (TypeError, ValueError):
+                return None
+    if tools is not None:
+        try:
+            out.append(json.dumps(tools, sort_keys=True))
+        except (TypeError, ValueError):
+            return None
+    return tuple(out)
 
 
 def _joined_text_parts(messages: list[Message]) -> list[Message] | None:
