@@ -218,3 +218,26 @@ def test_the_default_alpaca_template_is_unchanged_by_stanford(jsonl):
     ds = build(jsonl(rows * 2))
     assert "Translate.\n\nGood morning\n\n### Response:\nBonjour" in LLAMA3.decode(stream(ds)[0])
     assert np.asarray(ds.store.tokens).tolist()[0] == 128000
+
+
+def test_reasoning_option_flows_through_the_build(jsonl):
+    rows = [{"messages": [
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\n4"},
+    ]}] * 2
+    ds = build(jsonl(rows), qwen_like("qwen3"), template="chat", train_on_prompt=False, reasoning="mask")
+    ids, mask = stored_units(ds, with_mask=True)[0]
+    assert [QWEN3.decode(r) for r in trained_runs(ids, mask)] == ["4<|im_end|>"]
+    assert ds.store.manifest["options"]["reasoning"] == "mask"
+
+
+def test_records_of_one_shape_are_each_checked_against_their_own_rendering(jsonl):
+    # the skeleton is cached per shape; a record whose text takes another branch of the
+    # template is still located right (its own rendering is walked, not the skeleton trusted)
+    template = ("{% for m in messages %}{{ m.role }}: {% if m.content == 'secret' %}[redacted]"
+                "{% else %}{{ m.content }}{% endif %}<|eot_id|>{% endfor %}")
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in [("hello", "world"), ("secret", "answer"), ("hi", "there")]]
+    ds = build(jsonl(rows), template=template, train_on_prompt=False)
+    runs = [[LLAMA3.decode(r) for r in trained_runs(ids, mask)] for ids, mask in stored_units(ds, with_mask=True)]
+    assert runs == [[" world<|eot_id|>"], [" answer<|eot_id|>"], [" there<|eot_id|>"]]  # " world": one token
+    assert "[redacted]" in LLAMA3.decode(stored_units(ds)[1])
