@@ -85,7 +85,7 @@ def trl_preprocess(path: Path, hf, template: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=20)
-    parser.add_argument("--trl-mb", type=float, default=1)
+    parser.add_argument("--trl-mb", type=float, default=2)
     args = parser.parse_args()
     (HERE / "out").mkdir(exist_ok=True)
     path = corpus(HERE / "out" / f"chat_{args.mb:g}mb.jsonl", args.mb)

@@ -384,7 +384,9 @@ class PromptTemplate:
         self._simple = self.slots == ["prompt", "response"]
 
     def fingerprint(self) -> str:
-        return "prompt:" + xxhash.xxh3_64_hexdigest(self.source.encode())
+        # "{input}" became a placeholder (it was literal text): such templates hash anew
+        kind = "prompt2:" if "input" in self.slots else "prompt:"
+        return kind + xxhash.xxh3_64_hexdigest(self.source.encode())
 
     def render(self, turns: Chat | Sequence[Any]) -> Rendered:
         chat = as_chat(turns)
