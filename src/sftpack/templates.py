@@ -635,8 +635,10 @@ class _Runs:
 
 
 def _mark_message(runs: _Runs, message: Message, i: int) -> Message:
-    out = dict(message)
     content = message.get("content")
+    if len(message) == 2 and type(content) is str:  # the common case: role and content
+        return {"role": message["role"], "content": runs.mark(content, i, False)}
+    out = dict(message)
     if isinstance(content, str):
         out["content"] = runs.mark(content, i, False)
     elif isinstance(content, list):
@@ -866,7 +868,7 @@ class ChatTemplate:
         if self.has_generation:
             trained = self._generation_spans(generated, messages, runs_of, targets)
         else:
-            trained = self._regions(text, occurrences, runs_of, targets)
+            trained = self._regions(text, occurrences, targets)
         if not trained and not any(m.get("role") == "assistant" for m in messages):
             raise ConfigError("the chat template does not render any assistant message")
         if self.reasoning == "mask":
@@ -979,7 +981,6 @@ class ChatTemplate:
         self,
         text: str,
         occurrences: list[tuple[int, int, int, bool]],
-        runs_of: dict[int, list[tuple[int, int, bool]]],
         targets: list[int],
     ) -> list[Span]:
         """Each trained message from the end of the generation prompt before its first run of
@@ -987,14 +988,20 @@ class ChatTemplate:
         end-of-turn token after its last."""
         prompts, end_marker = self._turn_markers()
         trained: list[Span] = []
-        starts = sorted((s, e, m) for s, e, m, _ in occurrences)
+        # occurrences come in text order: a message's first and last, and its neighbours
+        first_at: dict[int, int] = {}
+        last_at: dict[int, int] = {}
+        for k, occurrence in enumerate(occurrences):
+            first_at.setdefault(occurrence[2], k)
+            last_at[occurrence[2]] = k
         for i in targets[-1:] if self.last_turn_only else targets:
-            runs = runs_of.get(i)
-            if not runs:
+            a = first_at.get(i)
+            if a is None:
                 continue
-            first, last = min(s for s, _, _ in runs), max(e for _, e, _ in runs)
-            before = max((e for s, e, m in starts if m != i and e <= first), default=0)
-            after = min((s for s, e, m in starts if m != i and s >= last), default=len(text))
+            b = last_at[i]
+            first, last = occurrences[a][0], occurrences[b][1]
+            before = occurrences[a - 1][1] if a else 0
+            after = occurrences[b + 1][0] if b + 1 < len(occurrences) else len(text)
             start = first
             for g in prompts:
                 at = text.rfind(g, before, first)
@@ -1032,15 +1039,12 @@ class ChatTemplate:
                 train_eos = any(s <= at < e for s, e in trained)
                 text = text[:cut]
 
-        def clip(spans: list[Span]) -> tuple[Span, ...]:
-            out = []
-            for s, e in sorted(spans):
-                s, e = max(s - shift, 0), min(e - shift, cut)
-                if e > s or (e == s and 0 <= s <= cut):
-                    out.append((s, e))
-            return tuple(out)
-
-        return Rendered(text, tuple(x for x in clip(trained) if x[1] > x[0]), clip(content), train_eos)
+        # spans in the cut text's coordinates (content spans may be empty: an empty message)
+        kept = tuple(
+            (max(s - shift, 0), min(e - shift, cut)) for s, e in sorted(trained) if min(e - shift, cut) > s - shift
+        )
+        spans = tuple((max(s - shift, 0), min(e - shift, cut)) for s, e in content if s - shift <= cut)
+        return Rendered(text, tuple(x for x in kept if x[1] > x[0]), spans, train_eos)
 
 
 def _freeze(messages: list[Message], tools: Any) -> Any:
