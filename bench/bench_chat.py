@@ -1,12 +1,18 @@
 #!/usr/bin/env python
-"""Chat-data build throughput: `--template chat` builds against the raw tokenizer call.
+"""Chat-data build throughput against the raw tokenizer call and against TRL, in one run.
 
-    python bench/bench_chat.py [--mb 50]
+    python bench/bench_chat.py [--mb 20] [--trl-mb 1]
 
-Generates a seeded multi-turn OpenAI-messages corpus under bench/out/, renders it once
-with the bundled Llama-3 chat template to time quicktok's ordinary-path encode_batch on
-the rendered pieces (special tokens cut out, as sftpack does), then times sftpack builds
-with train_on_prompt on and off. Ratios are against the raw call measured in this run.
+Generates a seeded multi-turn OpenAI-messages corpus under bench/out/ and times:
+- the raw tokenizer: quicktok's encode_batch on the rendered documents' text pieces (special
+  tokens cut out, as sftpack does): the baseline every ratio is against;
+- sftpack builds with the bundled Llama-3 chat template, training on everything and on the
+  assistant turns only;
+- sftpack and TRL on the same conversations with the same Hugging Face Llama-3 tokenizer
+  (built offline) and TRL's generation-marked training template: sftpack's build with
+  --no-train-on-prompt against TRL's own preprocessing, `SFTTrainer._prepare_dataset` with
+  `assistant_only_loss=True` (apply_chat_template with return_assistant_tokens_mask, labels),
+  on the first --trl-mb MB of the corpus (TRL is slow), both in MB/s of JSONL input.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which "
@@ -41,13 +48,52 @@ def corpus(path: Path, mb: float, seed: int = 0) -> Path:
     return path
 
 
+def head(path: Path, mb: float) -> Path:
+    """The first lines of `path` up to `mb` MB, as a file of their own."""
+    out = path.with_name(f"{path.stem}_head{mb:g}.jsonl")
+    if not out.exists():
+        with open(path, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
+            size = 0
+            for line in f:
+                if size >= mb * 1e6:
+                    break
+                g.write(line)
+                size += len(line.encode())
+    return out
+
+
+def trl_preprocess(path: Path, hf, template: str) -> float:
+    """Seconds TRL's SFTTrainer takes to prepare the dataset with assistant_only_loss."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    datasets.disable_caching()
+    datasets.logging.disable_progress_bar()
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    dataset = datasets.Dataset.from_list(rows)
+    args = SFTConfig(output_dir=str(HERE / "out" / "trl"), assistant_only_loss=True, max_length=None,
+                     report_to=[], dataset_num_proc=None, use_cpu=True, bf16=False)
+    fake = SimpleNamespace(_tokenizer=hf, chat_template=template, completion_only_loss=False)
+    started = time.perf_counter()
+    prepared = SFTTrainer._prepare_dataset(fake, dataset, hf, args, packing=False, formatting_func=None,
+                                           dataset_name="train")
+    seconds = time.perf_counter() - started
+    assert "labels" in prepared.column_names and len(prepared) == len(rows)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=float, default=50)
+    parser.add_argument("--mb", type=float, default=20)
+    parser.add_argument("--trl-mb", type=float, default=2)
     args = parser.parse_args()
     (HERE / "out").mkdir(exist_ok=True)
     path = corpus(HERE / "out" / f"chat_{args.mb:g}mb.jsonl", args.mb)
-    mb = os.path.getsize(path) / 1e6
+    small = head(path, args.trl_mb)
+    mb, small_mb = os.path.getsize(path) / 1e6, os.path.getsize(small) / 1e6
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from hf_llama3 import build_hf_llama3
 
     from sftpack.build import BuildOptions, _batches, build
     from sftpack.records import RecordReader, expand_inputs
@@ -68,17 +114,35 @@ def main() -> None:
         tok.encode(flat[i : i + 20000])
     raw_s = time.perf_counter() - started
 
-    rows = [("raw tokenizer: quicktok encode_batch on the rendered pieces", raw_s),
-            ("read + render (JSON, Jinja chat template), one thread", render_s)]
+    rows = [("raw tokenizer: quicktok encode_batch on the rendered pieces", raw_s, mb),
+            ("read + render + mask spans (JSON, Jinja chat template), one thread", render_s, mb)]
     for train_on_prompt in (True, False):
         summary = build(path, HERE / "out" / "chat_store", BuildOptions(seq_length=2048, template="chat",
                         train_on_prompt=train_on_prompt), tok, progress=False, force=True)
         rows.append((f"sftpack build --template chat{'' if train_on_prompt else ' --no-train-on-prompt'}",
-                     summary.seconds))
+                     summary.seconds, mb))
+
+    import trl
+
+    hf = build_hf_llama3()
+    fast_hf = load_tokenizer(hf)  # served by quicktok (checked equal to the HF tokenizer), loaded outside the timing
+    training = (Path(trl.__file__).parent / "chat_templates" / "llama3_training.jinja").read_text(encoding="utf-8")
+    summary = build(small, HERE / "out" / "chat_store_hf", BuildOptions(seq_length=2048, template=training,
+                    train_on_prompt=False), fast_hf, progress=False, force=True)
+    sftpack_small = summary.seconds
+    rows.append((f"sftpack, HF Llama-3 + TRL training template, {small_mb:.1f} MB", sftpack_small, small_mb))
+    trl_s = trl_preprocess(small, hf, training)
+    rows.append((f"TRL SFTTrainer preprocessing, assistant_only_loss, {small_mb:.1f} MB", trl_s, small_mb))
+
+    raw_rate = mb / raw_s
     print(f"corpus {path.name}: {mb:.1f} MB JSONL; {os.cpu_count()} cores; python {sys.version.split()[0]}")
-    print(f"{'approach':64} {'sec':>6} {'MB/s':>7} {'x raw':>6}")
-    for name, seconds in rows:
-        print(f"{name:64} {seconds:6.2f} {mb / seconds:7.1f} {raw_s / seconds:6.2f}")
+    print(f"{'approach':70} {'sec':>6} {'MB/s':>7} {'x raw':>6}")
+    for name, seconds, size in rows:
+        print(f"{name:70} {seconds:6.2f} {size / seconds:7.1f} {size / seconds / raw_rate:6.2f}")
+    print(f"sftpack vs TRL on the same {small_mb:.1f} MB: {trl_s / sftpack_small:.1f}x faster (sftpack's fixed "
+          "build costs included: fingerprint, tokenizer check, store commit)")
+    masked = rows[3][1]
+    print(f"throughput, sftpack --no-train-on-prompt on {mb:.0f} MB vs TRL: {mb / masked / (small_mb / trl_s):.1f}x")
 
 
 if __name__ == "__main__":

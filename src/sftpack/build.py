@@ -223,6 +223,7 @@ def schema_and_template(options: BuildOptions, tok: Tokenizer) -> tuple[Schema, 
         eos_token=tok.eos_token,
         special_tokens=list(tok.special_tokens),
         last_turn_only=options.last_turn_only,
+        reasoning=options.reasoning,
     )
     return schema, template
 

@@ -78,6 +78,13 @@ class BuildOptions:
         flag="--no-train-on-prompt",
     )
     last_turn_only: bool = _opt("store", "train only the last assistant turn", False)
+    reasoning: str = _opt(
+        "store",
+        "assistant reasoning (<think>, reasoning_content): train it (default), mask it, or 'rendered': train only "
+        "the turns whose reasoning the template renders (Qwen3 and DeepSeek-R1 drop earlier turns' reasoning)",
+        "train",
+        choices=("train", "mask", "rendered"),
+    )
     special_tokens: str = _opt(
         "store",
         "special-token strings in user text: parse them (reference) or keep them as text",

@@ -1,16 +1,23 @@
 """Records -> rendered text plus the character spans that are trained.
 
-Two stages, both pure: a *schema* turns a record into turns `[(role, content)]`, and a
-*template* renders turns into one document string, reporting which character spans are
-response text (trained when `train_on_prompt=False`) and which are user content (where a
-special-token string is an injection, not markup).
+Two stages, both pure: a *schema* turns a record into a `Chat` (message dicts in the
+Hugging Face convention, and the conversation's tools), and a *template* renders it into
+one document string, reporting which character spans are trained (when
+`train_on_prompt=False`) and which hold the data's own text (where a special-token string
+is an injection, not markup).
+
+Chat templates render exactly as transformers' `apply_chat_template(messages, tools=...,
+tokenize=False)` does: the same immutable sandbox, globals and filters (`raise_exception`,
+`strftime_now`, transformers' `tojson`, `dict`, `namespace`, the `{% generation %}` tag), the
+same message normalization (keys holding None dropped, reasoning fields aliased).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -21,10 +28,23 @@ from .records import Record
 
 Turns = list[tuple[str, str]]
 Span = tuple[int, int]
+Message = dict[str, Any]
 
 SCHEMAS = ("auto", "prompt_response", "alpaca", "messages", "sharegpt")
-ROLES = ("system", "user", "assistant")
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
+REASONING_MODES = ("train", "mask", "rendered")
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+# transformers' names for a message's reasoning, the first being the one chat templates read
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 # canonical field name -> default key in the record
 DEFAULT_FIELDS = {
     "prompt": "prompt",
@@ -38,6 +58,7 @@ DEFAULT_FIELDS = {
     "conversations": "conversations",
     "from": "from",
     "value": "value",
+    "tools": "tools",
 }
 
 ALPACA_TEMPLATE = (
@@ -48,6 +69,19 @@ ALPACA_TEMPLATE = (
     "\n"
     "### Response:\n"
     "{response}"
+)
+
+# The Stanford Alpaca prompts (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT): the response
+# follows "### Response:" directly; a record with a non-empty input takes the first.
+STANFORD_ALPACA_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:{response}"
+)
+STANFORD_ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:{response}"
 )
 
 # Meta's Llama-3 instruct chat format (the template shipped with Llama-3-8B-Instruct).
@@ -71,11 +105,47 @@ class Rendered:
         self.text, self.trained, self.content, self.train_eos = text, trained, content, train_eos
 
 
+class Chat:
+    """One conversation as chat templates see it: message dicts (`role`; `content`, a string
+    or a list of content parts; any other keys such as `tool_calls`, `reasoning_content`,
+    `weight`), the conversation's `tools`, and for Alpaca records the instruction and input
+    apart (the Stanford prompt shows them apart)."""
+
+    __slots__ = ("messages", "tools", "instruction", "input")
+
+    def __init__(
+        self,
+        messages: list[Message],
+        tools: list[Any] | None = None,
+        instruction: str | None = None,
+        input: str | None = None,
+    ) -> None:
+        self.messages, self.tools, self.instruction, self.input = messages, tools, instruction, input
+
+
+def as_chat(turns: Chat | Sequence[tuple[str, str]] | Sequence[Message]) -> Chat:
+    """A `Chat` from a `Chat`, `(role, content)` pairs or message dicts."""
+    if isinstance(turns, Chat):
+        return turns
+    return Chat([dict(t) if isinstance(t, Mapping) else {"role": t[0], "content": t[1]} for t in turns])
+
+
+def trains(message: Message) -> bool:
+    """Whether a message is a training target: an assistant message whose `weight` is not 0
+    (OpenAI fine-tuning files) and whose `train` flag is not false."""
+    return message.get("role") == "assistant" and message.get("weight", 1) != 0 and message.get("train", True)
+
+
+def _where(i: int, key: str = "messages") -> str:
+    """A message as the user finds it: its JSON index and its ordinal."""
+    return f"{key}[{i}] (message {i + 1})"
+
+
 # --------------------------------------------------------------------------- schemas
 
 
 class Schema:
-    """Reads turns out of records of one schema, with remappable field names."""
+    """Reads conversations out of records of one schema, with remappable field names."""
 
     def __init__(self, name: str = "auto", fields: Mapping[str, str] | None = None) -> None:
         if name not in SCHEMAS:
@@ -110,22 +180,29 @@ class Schema:
     def fingerprint(self) -> str:
         return f"{self.name}:{sorted(self.fields.items())}"
 
-    def turns(self, record: Record, schema: str) -> Turns:
+    def turns(self, record: Record, schema: str) -> Chat:
+        """The record's conversation (`InputError` naming file:line and the message)."""
         f = self.fields
         if schema == "prompt_response":
-            return [("user", _text(record, f["prompt"])), ("assistant", _text(record, f["response"]))]
+            prompt, response = _text(record, f["prompt"]), _text(record, f["response"])
+            return Chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
         if schema == "alpaca":
-            prompt = _text(record, f["instruction"])
+            instruction = prompt = _text(record, f["instruction"])
             extra = record.data.get(f["input"])
             if extra is not None:
                 if not isinstance(extra, str):
                     raise record.error(f"field {f['input']!r} must be a string, got {type(extra).__name__}")
                 if extra:
                     prompt = f"{prompt}\n\n{extra}"
-            return [("user", prompt), ("assistant", _text(record, f["output"]))]
+            messages = [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": _text(record, f["output"])},
+            ]
+            return Chat(messages, instruction=instruction, input=extra or "")
+        tools = _tools(record, f["tools"])
         if schema == "messages":
-            return _conversation(record, f["messages"], f["role"], f["content"], {r: r for r in ROLES})
-        return _conversation(record, f["conversations"], f["from"], f["value"], _SHAREGPT_ROLES)
+            return Chat(_messages(record, f["messages"], f["role"], f["content"]), tools)
+        return Chat(_sharegpt(record, f["conversations"], f["from"], f["value"]), tools)
 
 
 def _text(record: Record, key: str) -> str:
@@ -138,7 +215,23 @@ def _text(record: Record, key: str) -> str:
     return value
 
 
-def _conversation(record: Record, key: str, role_key: str, text_key: str, roles: Mapping[str, str]) -> Turns:
+def _tools(record: Record, key: str) -> list[Any] | None:
+    """The conversation's tool schemas: a list of objects, or that list as a JSON string
+    (LLaMA-Factory's ShareGPT files store it so)."""
+    tools = record.data.get(key)
+    if tools is None or tools == "":
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise record.error(f"field {key!r} is a string but not JSON ({exc.msg}); give a list of tool schemas")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise record.error(f"field {key!r} must be a list of tool schemas (objects), got {_type(tools)}")
+    return tools
+
+
+def _items(record: Record, key: str) -> list[Any]:
     try:
         items = record.data[key]
     except KeyError:
@@ -147,26 +240,127 @@ def _conversation(record: Record, key: str, role_key: str, text_key: str, roles:
         raise record.error(f"field {key!r} must be a list of turns, got {_type(items)}")
     if not items:
         raise record.error(f"field {key!r} is an empty conversation")
-    turns: Turns = []
-    for i, item in enumerate(items):
+    return items
+
+
+def _messages(record: Record, key: str, role_key: str, text_key: str) -> list[Message]:
+    messages: list[Message] = []
+    for i, item in enumerate(_items(record, key)):
         if not isinstance(item, dict):
-            raise record.error(f"{key}[{i}] must be an object, got {_type(item)}")
-        role, text = item.get(role_key), item.get(text_key)
-        if role not in roles:
-            raise record.error(f"{key}[{i}].{role_key} is {role!r}; valid roles: {', '.join(roles)}")
-        if not isinstance(text, str):
-            raise record.error(f"{key}[{i}].{text_key} must be a string, got {_type(text)}")
-        turns.append((roles[str(role)], text))
-    if not any(role == "assistant" for role, _ in turns):
+            raise record.error(f"{key}[{i}] must be an object, got {_type(item)} (message {i + 1})")
+        # as transformers normalizes: keys holding None are dropped (OpenAI writes content=None)
+        message = {k: v for k, v in item.items() if v is not None and k not in (role_key, text_key)}
+        role = item.get(role_key)
+        if role not in ROLES:
+            raise record.error(f"{key}[{i}].{role_key} is {role!r} (message {i + 1}); valid roles: {', '.join(ROLES)}")
+        message["role"] = role
+        if item.get(text_key) is not None:
+            message["content"] = item[text_key]
+        _check_message(record, message, f"{key}[{i}]", i, text_key)
+        messages.append(message)
+    if not any(m["role"] == "assistant" for m in messages):
         raise record.error(f"field {key!r} has no assistant turn: nothing to train on")
-    return turns
+    return messages
+
+
+def _sharegpt(record: Record, key: str, role_key: str, text_key: str) -> list[Message]:
+    """ShareGPT turns: human/gpt/system, and LLaMA-Factory's function_call (a JSON tool call
+    or list of them, made the assistant's `tool_calls`) and observation (a tool result)."""
+    messages: list[Message] = []
+    for i, item in enumerate(_items(record, key)):
+        if not isinstance(item, dict):
+            raise record.error(f"{key}[{i}] must be an object, got {_type(item)} (message {i + 1})")
+        source, value = item.get(role_key), item.get(text_key)
+        if source not in _SHAREGPT_ROLES:
+            raise record.error(
+                f"{key}[{i}].{role_key} is {source!r} (message {i + 1}); valid: {', '.join(_SHAREGPT_ROLES)}"
+            )
+        if not isinstance(value, str):
+            raise record.error(f"{key}[{i}].{text_key} must be a string, got {_type(value)}")
+        extra = {k: v for k, v in item.items() if v is not None and k not in (role_key, text_key)}
+        if source == "function_call":
+            messages.append({**extra, "role": "assistant", "tool_calls": _function_calls(record, value, key, i)})
+        else:
+            messages.append({**extra, "role": _SHAREGPT_ROLES[str(source)], "content": value})
+        _check_message(record, messages[-1], f"{key}[{i}]", i, text_key)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise record.error(f"field {key!r} has no assistant turn: nothing to train on")
+    return messages
+
+
+def _function_calls(record: Record, value: str, key: str, i: int) -> list[Message]:
+    try:
+        calls = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise record.error(
+            f"{_where(i, key)} is a function_call whose value is not JSON ({exc.msg}); "
+            'write it as {"name": ..., "arguments": {...}}'
+        ) from None
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for call in calls:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise record.error(f'{_where(i, key)}: a function_call must be {{"name": ..., "arguments": {{...}}}}')
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass  # kept as the string it is
+        out.append({"type": "function", "function": {"name": call["name"], "arguments": arguments}})
+    return out
+
+
+def _check_message(record: Record, message: Message, where: str, i: int, text_key: str) -> None:
+    content = message.get("content")
+    if content is None:
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            pass
+        else:
+            raise record.error(f"{where}.{text_key} must be a string, got null (message {i + 1})")
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise record.error(
+                    f"{where}.{text_key}[{j}] must be a content part such as "
+                    f'{{"type": "text", "text": "..."}}, got {_type(part)} (message {i + 1})'
+                )
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise record.error(f"{where}.{text_key}[{j}].text must be a string (message {i + 1})")
+    elif not isinstance(content, str):
+        raise record.error(
+            f"{where}.{text_key} must be a string, got {_type(content)} (message {i + 1}); "
+            'or a list of content parts [{"type": "text", "text": "..."}]'
+        )
+    calls = message.get("tool_calls")
+    if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+        raise record.error(f"{where}.tool_calls must be a list of objects, got {_type(calls)} (message {i + 1})")
+    if "weight" in message and message["weight"] not in (0, 1):
+        raise record.error(f"{where}.weight must be 0 or 1, got {message['weight']!r} (message {i + 1})")
+    if "train" in message and not isinstance(message["train"], bool):
+        raise record.error(f"{where}.train must be true or false, got {message['train']!r} (message {i + 1})")
 
 
 def _type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-# --------------------------------------------------------------------------- templates
+def _plain_content(message: Message, i: int) -> str:
+    """A message's text for prompt templates: a string, or its text parts joined."""
+    content = message.get("content")
+    if message.get("tool_calls") or message.get("role") not in ("system", "user", "assistant"):
+        raise ConfigError(
+            f"{_where(i)} is a {message.get('role')} message{' with tool calls' if message.get('tool_calls') else ''}"
+            "; a prompt/response template cannot show it: use template='chat' or a chat template file"
+        )
+    if isinstance(content, list):
+        if any(p.get("type") != "text" for p in content):
+            raise ConfigError(f"{_where(i)} has non-text content parts; a prompt template shows text only")
+        return "".join(p["text"] for p in content)
+    return content if isinstance(content, str) else ""
+
+
+# --------------------------------------------------------------------------- prompt templates
 
 
 class PromptTemplate:
@@ -176,7 +370,7 @@ class PromptTemplate:
     other brace in the template is literal text.
     """
 
-    _PLACEHOLDER = re.compile(r"\{(prompt|instruction|response|system)\}")
+    _PLACEHOLDER = re.compile(r"\{(prompt|instruction|response|system|input)\}")
 
     def __init__(self, source: str) -> None:
         pieces = self._PLACEHOLDER.split(source)
@@ -190,26 +384,51 @@ class PromptTemplate:
         self._simple = self.slots == ["prompt", "response"]
 
     def fingerprint(self) -> str:
-        return "prompt:" + xxhash.xxh3_64_hexdigest(self.source.encode())
+        # "{input}" became a placeholder (it was literal text): such templates hash anew
+        kind = "prompt2:" if "input" in self.slots else "prompt:"
+        return kind + xxhash.xxh3_64_hexdigest(self.source.encode())
 
-    def render(self, turns: Turns) -> Rendered:
-        if self._simple and len(turns) == 2 and turns[0][0] == "user" and turns[1][0] == "assistant":
+    def render(self, turns: Chat | Sequence[Any]) -> Rendered:
+        chat = as_chat(turns)
+        messages = chat.messages
+        if (
+            self._simple
+            and len(messages) == 2
+            and messages[0].get("role") == "user"
+            and messages[1].get("role") == "assistant"
+            and type(messages[0].get("content")) is str
+            and type(messages[1].get("content")) is str
+            and len(messages[1]) == 2
+        ):
             # the common case, without the general loop
             lit = self.literals
-            prompt, response = turns[0][1], turns[1][1]
+            prompt, response = messages[0]["content"], messages[1]["content"]
             p0 = len(lit[0])
             r0 = p0 + len(prompt) + len(lit[1])
             r1 = r0 + len(response)
             text = "".join((lit[0], prompt, lit[1], response, lit[2]))
             return Rendered(text, ((r0, r1),), ((p0, p0 + len(prompt)), (r0, r1)), True)
         values: dict[str, str] = {}
-        for role, text in turns:
-            slot = {"user": "prompt", "assistant": "response", "system": "system"}[role]
+        trained_response = True
+        if chat.tools:
+            raise ConfigError(
+                "the conversation has tools; a prompt/response template cannot show them: "
+                "use template='chat' or a chat template file"
+            )
+        for i, message in enumerate(messages):
+            role = message.get("role")
+            slot = {"user": "prompt", "assistant": "response", "system": "system"}.get(str(role), "")
+            text = _plain_content(message, i)
             if slot in values:
                 raise ConfigError(
-                    f"a prompt/response template takes one {role} turn; use template='chat' for multi-turn data"
+                    f"a prompt/response template takes one {role} turn ({_where(i)} is another); "
+                    "use template='chat' for multi-turn data"
                 )
             values[slot] = text
+            if role == "assistant":
+                trained_response = trains(message)
+        if "input" in self.slots:
+            values["prompt"], values["input"] = chat.instruction or values.get("prompt", ""), chat.input or ""
         if "system" in values and "system" not in self.slots:
             raise ConfigError("the record has a system turn but the template has no {system} placeholder")
         out = [self.literals[0]]
@@ -220,25 +439,78 @@ class PromptTemplate:
             value = values.get(slot, "")
             span = (pos, pos + len(value))
             content.append(span)
-            if slot == "response":
+            if slot == "response" and trained_response:
                 trained.append(span)
             out.append(value)
             out.append(literal)
             pos += len(value) + len(literal)
-        return Rendered("".join(out), tuple(trained), tuple(content), True)
+        return Rendered("".join(out), tuple(trained), tuple(content), trained_response)
+
+
+class StanfordAlpacaTemplate:
+    """The Stanford Alpaca prompt: the "### Input:" prompt and its preamble for a record with
+    a non-empty input, the other prompt otherwise; the response follows "### Response:"."""
+
+    def __init__(self) -> None:
+        self._with_input = PromptTemplate(STANFORD_ALPACA_INPUT)
+        self._without = PromptTemplate(STANFORD_ALPACA_NO_INPUT)
+
+    def fingerprint(self) -> str:
+        return "stanford_alpaca:1"
+
+    def render(self, turns: Chat | Sequence[Any]) -> Rendered:
+        chat = as_chat(turns)
+        if chat.input:
+            return self._with_input.render(chat)
+        if chat.instruction is not None:  # an Alpaca record: the instruction alone, not merged
+            return self._without.render(Chat(chat.messages, instruction=chat.instruction, input=""))
+        return self._without.render(chat)
+
+
+# --------------------------------------------------------------------------- chat templates
+
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 @lru_cache(maxsize=1)
 def _sandbox() -> Any:
-    """The environment chat templates render in: Jinja's immutable sandbox, configured as
-    transformers configures it, with the sandbox's attribute verdicts cached (they depend
-    only on the object's type and the attribute name)."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import loopcontrols
+    """The environment chat templates render in: Jinja's immutable sandbox configured as
+    transformers configures it (its globals, filters and `{% generation %}` tag), with the
+    sandbox's attribute verdicts cached (they depend only on the object's type and the name)."""
+    from contextvars import ContextVar
+    from datetime import datetime
+
+    import jinja2
+    import jinja2.nodes
+    from jinja2.exceptions import SecurityError, TemplateError
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.utils import Namespace
+
+    tracking: ContextVar[tuple[list[str], list[Span]] | None] = ContextVar("sftpack_generation", default=None)
+
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}`: records where the block's output lies."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_generation", []), [], [], body).set_lineno(lineno)
+
+        def _generation(self, caller: Any) -> str:
+            rv = caller()
+            tracked = tracking.get()
+            if tracked is not None:
+                blocks, spans = tracked
+                start = sum(map(len, blocks))
+                spans.append((start, start + len(rv)))
+            return str(rv)
 
     class Sandbox(ImmutableSandboxedEnvironment):
         _verdicts: dict[tuple[type, str], bool] = {}
+        generation_tracking = tracking
 
         def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
             key = (type(obj), attr)
@@ -250,17 +522,217 @@ def _sandbox() -> Any:
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
-    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format: str) -> str:
+        return datetime.now().strftime(format)
+
+    class TemplateDict:
+        def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(Namespace):
+        def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805  (Jinja's Namespace signature)
+            self, rest = args[0], args[1:]
+            attrs = dict(*rest, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            TemplateNamespace._check_name(name)
+            Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise SecurityError(
+                    f"Chat templates cannot store underscore-prefixed attributes on a namespace: {name!r}"
+                )
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
     return env
 
 
-class ChatTemplate:
-    """A Jinja chat template (Hugging Face convention), rendered in a sandbox.
+def _alias_reasoning(message: Message) -> Message:
+    """As transformers does: reasoning given under any of its names is passed as both
+    `reasoning_content` and `thinking` (gpt-oss templates read the latter)."""
+    for key in _REASONING_FIELDS:
+        value = message.get(key)
+        if value is not None:
+            return {"thinking": value, **message, "reasoning_content": value}
+    return message
 
-    Trained spans are each assistant message's content plus the special-token string
-    that directly follows it (the end-of-turn marker, so the model learns to stop).
-    A leading BOS string is removed: the packer inserts BOS itself.
+
+# Sentinels stand for the runs of message text in the skeleton rendering: rare printable
+# brackets, which neither JSON (tojson) nor Python's repr (a list rendered as text) escapes.
+_S0, _S1 = "\u2983", "\u2984"
+_SENTINEL = re.compile("\u2983([0-9]+)\u2984")
+_TAG = re.compile(r"(</?think>)")
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+class _Runs:
+    """The runs of text a skeleton stands in for: (message index, is reasoning, text)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, bool, str]] = []
+
+    def mark(self, value: str, message: int, reasoning: bool) -> str:
+        """`value` with each run of text between `<think>` tags and inside its edge
+        whitespace replaced by a sentinel: tags and whitespace stay, so that templates that
+        split at `</think>` or strip see the same structure as in the real rendering."""
+        if not value.strip():
+            self.items.append((message, reasoning, value))
+            return f"{_S0}{len(self.items) - 1}{_S1}"
+        if "think>" not in value:  # the common case: one run inside the edge whitespace
+            core = value.strip()
+            at = value.index(core[0])
+            self.items.append((message, reasoning, core))
+            return f"{value[:at]}{_S0}{len(self.items) - 1}{_S1}{value[at + len(core) :]}"
+        out = []
+        opens, closes = value.find(_THINK_OPEN), value.find(_THINK_CLOSE)
+        # text before a </think> without its opening tag is reasoning too (R1 output starts inside it)
+        think = reasoning or (closes >= 0 and not 0 <= opens < closes)
+        for k, piece in enumerate(_TAG.split(value)):
+            if k % 2:
+                out.append(piece)
+                if piece == _THINK_OPEN:
+                    think = True
+                elif piece == _THINK_CLOSE:
+                    think = reasoning
+                continue
+            core = piece.strip()
+            if core:
+                at = piece.index(core[0])
+                self.items.append((message, think, core))
+                piece = f"{piece[:at]}{_S0}{len(self.items) - 1}{_S1}{piece[at + len(core) :]}"
+            out.append(piece)
+        return "".join(out)
+
+    def mark_value(self, value: Any, message: int) -> Any:
+        """Tool-call arguments: every string inside marked, keys and other values kept."""
+        if isinstance(value, str):
+            return self.mark(value, message, False)
+        if isinstance(value, dict):
+            return {k: self.mark_value(v, message) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.mark_value(v, message) for v in value]
+        return value
+
+
+def _mark_message(runs: _Runs, message: Message, i: int) -> Message:
+    content = message.get("content")
+    if len(message) == 2 and type(content) is str:  # the common case: role and content
+        return {"role": message["role"], "content": runs.mark(content, i, False)}
+    out = dict(message)
+    if isinstance(content, str):
+        out["content"] = runs.mark(content, i, False)
+    elif isinstance(content, list):
+        out["content"] = [
+            {**p, "text": runs.mark(p["text"], i, False)}
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+            else p
+            for p in content
+        ]
+    for key in _REASONING_FIELDS:
+        if isinstance(message.get(key), str):
+            out[key] = runs.mark(message[key], i, True)
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        marked = []
+        for call in calls:
+            if isinstance(call, dict):
+                call = dict(call)
+                function = call.get("function")
+                if isinstance(function, dict) and "arguments" in function:
+                    call["function"] = {**function, "arguments": runs.mark_value(function["arguments"], i)}
+                elif "arguments" in call:
+                    call["arguments"] = runs.mark_value(call["arguments"], i)
+            marked.append(call)
+        out["tool_calls"] = marked
+    return out
+
+
+class _Unaligned(Exception):
+    """The real rendering does not follow the skeleton."""
+
+
+def _candidates(value: str) -> Iterator[str]:
+    """How a run may come out: verbatim, JSON-escaped (tojson), trimmed, ASCII-escaped, gone."""
+    yield value
+    seen = {value}
+    for make in (
+        lambda: json.dumps(value, ensure_ascii=False)[1:-1],
+        value.strip,
+        value.lstrip,
+        value.rstrip,
+        lambda: json.dumps(value)[1:-1],
+        lambda: "",
+    ):
+        candidate = make()
+        if candidate not in seen:
+            seen.add(candidate)
+            yield candidate
+
+
+Skeleton = tuple[list[str], list[int]]
+
+
+def _split_skeleton(skeleton: str) -> Skeleton:
+    """A skeleton as its literal pieces and, between them, the runs its sentinels stand for."""
+    pieces = _SENTINEL.split(skeleton)
+    return pieces[0::2], [int(r) for r in pieces[1::2]]
+
+
+def _align(text: str, skeleton: Skeleton, runs: _Runs) -> list[tuple[int, int, int]]:
+    """Where each sentinel of the skeleton lies in the real text: (start, end, run), in order.
+    The skeleton's literal text must equal the real text's between them; a run may come out
+    verbatim, trimmed or JSON-escaped (tojson)."""
+    literals, ids = skeleton
+    items = runs.items
+    if ids and max(ids) >= len(items):
+        raise _Unaligned
+    out: list[tuple[int, int, int]] = []
+    startswith = text.startswith
+    if not startswith(literals[0]):
+        raise _Unaligned
+    pos = len(literals[0])
+    for run, following in zip(ids, literals[1:]):
+        for candidate in _candidates(items[run][2]):
+            end = pos + len(candidate)
+            if startswith(candidate, pos) and startswith(following, end):
+                out.append((pos, end, run))
+                pos = end + len(following)
+                break
+        else:
+            raise _Unaligned
+    if pos != len(text):
+        raise _Unaligned
+    return out
+
+
+class ChatTemplate:
+    """A Jinja chat template (Hugging Face convention), rendered as transformers renders it.
+
+    Trained text (see `render`): with `{% generation %}` markers, what they enclose (as
+    transformers' `return_assistant_tokens_mask`); otherwise each trained assistant
+    message from after the generation prompt (the header inference writes) through its
+    end-of-turn token. A leading BOS string is removed (the packer inserts BOS itself); for
+    tokenizers without BOS a trailing EOS string too (the delimiter EOS stands for it).
     """
 
     def __init__(
@@ -271,9 +743,12 @@ class ChatTemplate:
         eos_token: str | None,
         special_tokens: Sequence[str] = (),
         last_turn_only: bool = False,
+        reasoning: str = "train",
     ) -> None:
         from jinja2.exceptions import TemplateError
 
+        if reasoning not in REASONING_MODES:
+            raise ConfigError(f"reasoning={reasoning!r} is not one of {', '.join(map(repr, REASONING_MODES))}")
         env = _sandbox()
         try:
             self._template = env.from_string(source)
@@ -281,86 +756,340 @@ class ChatTemplate:
             raise ConfigError(f"the chat template does not parse: {exc}") from None
         except Exception as exc:  # RecursionError on absurd nesting, ...
             raise ConfigError(f"the chat template does not parse: {_describe(exc)}") from None
+        self._tracking = env.generation_tracking
         self.source = source
         self.bos_token = bos_token or ""
         self.eos_token = eos_token or ""
         self.last_turn_only = last_turn_only
+        self.reasoning = reasoning
+        self.has_generation = _GENERATION.search(source) is not None
         self._specials = sorted((s for s in special_tokens if s), key=len, reverse=True)
-        self._marked_cache: dict[tuple[str, ...], tuple[str, list[str], list[tuple[int, int]]]] = {}
+        self._special_re = re.compile("|".join(map(re.escape, self._specials))) if self._specials else None
+        self._markers: tuple[list[str], str | None] | None = None
+        self._skeletons: dict[Any, Skeleton] = {}
 
     def fingerprint(self) -> str:
-        return f"chat:{xxhash.xxh3_64_hexdigest(self.source.encode())}:{self.last_turn_only}"
+        return f"chat2:{xxhash.xxh3_64_hexdigest(self.source.encode())}:{self.last_turn_only}:{self.reasoning}"
 
-    def _render(self, turns: Turns) -> str:
+    # ---------------------------------------------------------------- rendering
+
+    def _render(
+        self, messages: list[Message], tools: Any, generation: bool = False, prompt: bool = False
+    ) -> tuple[str, list[Span]]:
         from jinja2.exceptions import TemplateError
 
-        messages = [{"role": role, "content": text} for role, text in turns]
+        variables = {
+            "messages": [_alias_reasoning(m) for m in messages],
+            "tools": tools,
+            "documents": None,
+            "add_generation_prompt": prompt,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+        }
+        spans: list[Span] = []
         try:
-            text = self._template.render(
-                messages=messages, bos_token=self.bos_token, eos_token=self.eos_token, add_generation_prompt=False
-            )
+            if generation:
+                blocks: list[str] = []
+                token = self._tracking.set((blocks, spans))
+                try:
+                    for block in self._template.generate(**variables):
+                        blocks.append(block)
+                finally:
+                    self._tracking.reset(token)
+                text = "".join(blocks)
+            else:
+                text = self._template.render(**variables)
         except TemplateError as exc:
             raise ConfigError(f"the chat template failed: {exc}") from None
         except Exception as exc:  # the template's own bug: {{ 1/0 }}, endless macro recursion, {% include %}
             raise ConfigError(f"the chat template failed: {_describe(exc)}") from None
-        if self.bos_token and text.startswith(self.bos_token):
-            text = text[len(self.bos_token) :]
-        return text
+        return text, spans
 
-    def _marked(self, roles: tuple[str, ...]) -> tuple[str, list[str], list[tuple[int, int]]]:
-        """The template rendered with a marker as every content (cached per role sequence:
-        conversations mostly share a few shapes), and the markers' (position, turn) in order."""
-        cached = self._marked_cache.get(roles)
-        if cached is None:
-            markers = [f"\ue000{i}\ue001" for i in range(len(roles))]
-            marked = self._render(list(zip(roles, markers)))
-            found = sorted((marked.find(m), i) for i, m in enumerate(markers) if m in marked)
-            cached = (marked, markers, found)
-            if len(self._marked_cache) < 1024:
-                self._marked_cache[roles] = cached
-        return cached
+    def render_text(self, turns: Chat | Sequence[Any]) -> str:
+        """Exactly what `apply_chat_template(messages, tools=tools, tokenize=False)` renders."""
+        chat = as_chat(turns)
+        return self._render(chat.messages, chat.tools)[0]
 
-    def render(self, turns: Turns) -> Rendered:
-        # Where each turn's content lies is found structurally, not by searching for it: the
-        # template is rendered once with a unique marker in place of every content, and the
-        # real rendering is walked literal by literal against it.
-        text = self._render(turns)
-        marked, markers, found = self._marked(tuple(role for role, _ in turns))
-        spans: dict[int, Span] = {}
-        pos = mark_pos = 0
-        for k, (at, i) in enumerate(found):
-            literal = marked[mark_pos:at]
-            if not text.startswith(literal, pos):
-                raise ConfigError("the chat template renders differently depending on the message content")
-            pos += len(literal)
-            mark_pos = at + len(markers[i])
-            following = marked[mark_pos : found[k + 1][0] if k + 1 < len(found) else len(marked)]
-            value = turns[i][1]
-            for candidate in (value, value.strip(), value.lstrip(), value.rstrip()):
-                if text.startswith(candidate, pos) and text.startswith(following, pos + len(candidate)):
-                    spans[i] = (pos, pos + len(candidate))
-                    pos += len(candidate)
-                    break
-            else:
-                raise ConfigError(
-                    f"the chat template changed the content of turn {i} beyond trimming; "
-                    "cannot tell which characters are response text"
-                )
-        if text[pos:] != marked[mark_pos:]:
-            raise ConfigError("the chat template renders differently depending on the message content")
-        assistants = [i for i, (role, _) in enumerate(turns) if role == "assistant" and i in spans]
-        if not assistants:
+    def _turn_markers(self) -> tuple[list[str], str | None]:
+        """The generation prompt (what inference writes before the model's turn; with its
+        shorter forms up to a special token) and the end-of-turn text, found once by
+        rendering probes. Empty / None where the template has none or refuses the probe."""
+        if self._markers is None:
+            prompts: list[str] = []
+            end: str | None = None
+            probe = [{"role": "user", "content": f"{_S0}0{_S1}"}]
+            try:
+                bare, _ = self._render(probe, None)
+                with_prompt, _ = self._render(probe, None, prompt=True)
+                if with_prompt.startswith(bare) and len(with_prompt) > len(bare):
+                    g = with_prompt[len(bare) :]
+                    prompts.append(g)
+                    for m in reversed(list(self._special_re.finditer(g)) if self._special_re else []):
+                        if g[: m.end()] not in prompts:
+                            prompts.append(g[: m.end()])
+            except ConfigError:
+                pass
+            try:
+                answered, _ = self._render(probe + [{"role": "assistant", "content": f"{_S0}1{_S1}"}], None)
+                after = answered.split(f"{_S0}1{_S1}")[-1] if f"{_S0}1{_S1}" in answered else ""
+                closing = self._special_re.search(after) if self._special_re else None
+                end = after[: closing.end()] if closing else (after.rstrip() or None)
+            except ConfigError:
+                pass
+            self._markers = (prompts, end)
+        return self._markers
+
+    def render(self, turns: Chat | Sequence[Any]) -> Rendered:
+        """The document and its spans. Where the message text lies is found structurally: the
+        template is rendered again with a sentinel for every run of message text (tags such
+        as <think> and edge whitespace kept), and the real rendering is walked against it."""
+        chat = as_chat(turns)
+        try:
+            text, generated = self._render(chat.messages, chat.tools, generation=self.has_generation)
+        except ConfigError:
+            flat = _joined_text_parts(chat.messages)
+            if flat is None:
+                raise
+            # a template that renders string content only (transformers fails there): text parts joined
+            chat = Chat(flat, chat.tools, chat.instruction, chat.input)
+            text, generated = self._render(chat.messages, chat.tools, generation=self.has_generation)
+        messages = chat.messages
+        occurrences = self._locate(text, chat)
+        if occurrences is None:
+            if not self.has_generation:
+                raise ConfigError(self._unaligned_message(chat))
+            occurrences = []
+        runs_of: dict[int, list[tuple[int, int, bool]]] = {}
+        for start, end, message, reasoning in occurrences:
+            runs_of.setdefault(message, []).append((start, end, reasoning))
+        targets = [i for i, m in enumerate(messages) if trains(m)]
+        if self.reasoning == "rendered":
+            targets = [i for i in targets if not self._dropped_reasoning(messages[i], runs_of.get(i, []))]
+        if self.has_generation:
+            trained = self._generation_spans(generated, messages, runs_of, targets)
+        else:
+            trained = self._regions(text, occurrences, targets)
+        if not trained and not any(m.get("role") == "assistant" for m in messages):
             raise ConfigError("the chat template does not render any assistant message")
+        if self.reasoning == "mask":
+            holes = []
+            for i in targets:
+                start, end = self._reasoning_span(runs_of.get(i, []))
+                if end > start:
+                    # the opening <think> before it, where no other text lies in between
+                    previous = max((e for s, e, _, _ in occurrences if e <= start), default=0)
+                    opening = text.rfind(_THINK_OPEN, previous, start)
+                    holes.append((opening if opening >= 0 else start, end))
+            trained = _subtract(trained, holes)
+        content = [(s, e) for s, e, _, _ in occurrences]
+        return self._finish(text, trained, content)
+
+    def _locate(self, text: str, chat: Chat) -> list[tuple[int, int, int, bool]] | None:
+        """(start, end, message, is reasoning) of every rendered run of message text, or None
+        where the rendering depends on the text beyond what sentinels can stand in for. The
+        skeleton is a function of the marked conversation alone: cached by it (conversations
+        share a few shapes), so a record costs one rendering, its own."""
+        for assistants_only in (False, True):
+            runs = _Runs()
+            marked = [
+                _mark_message(runs, m, i) if not assistants_only or m.get("role") == "assistant" else m
+                for i, m in enumerate(chat.messages)
+            ]
+            key = _freeze(marked, chat.tools)
+            skeleton = self._skeletons.get(key) if key is not None else None
+            try:
+                if skeleton is None:
+                    skeleton = _split_skeleton(self._render(marked, chat.tools)[0])
+                    if key is not None:
+                        if len(self._skeletons) >= 4096:
+                            self._skeletons.clear()
+                        self._skeletons[key] = skeleton
+                found = _align(text, skeleton, runs)
+            except (ConfigError, _Unaligned):
+                continue
+            return [(s, e, runs.items[r][0], runs.items[r][1]) for s, e, r in found]
+        return None
+
+    def _unaligned_message(self, chat: Chat) -> str:
+        """Name the first assistant message whose text changes the template's output beyond
+        what can be followed."""
+        for i, m in enumerate(chat.messages):
+            if m.get("role") != "assistant":
+                continue
+            runs = _Runs()
+            marked = [_mark_message(runs, x, j) if j == i else x for j, x in enumerate(chat.messages)]
+            try:
+                text = self._render(chat.messages, chat.tools)[0]
+                _align(text, _split_skeleton(self._render(marked, chat.tools)[0]), runs)
+            except (ConfigError, _Unaligned):
+                return (
+                    f"the chat template renders {_where(i)} differently depending on its text, so which "
+                    "characters are the response cannot be told; add {% generation %} markers around the "
+                    "assistant output in the template (as TRL's *_training.jinja templates do) or use "
+                    "train_on_prompt"
+                )
+        return (
+            "the chat template renders the conversation differently depending on the message text; add "
+            "{% generation %} markers around the assistant output in the template"
+        )
+
+    @staticmethod
+    def _dropped_reasoning(message: Message, runs: list[tuple[int, int, bool]]) -> bool:
+        """Whether the message carries reasoning that the template did not render."""
+        has = any(isinstance(message.get(k), str) and message[k].strip() for k in _REASONING_FIELDS)
+        content = message.get("content")
+        has = has or (isinstance(content, str) and _THINK_CLOSE in content)
+        return has and not any(reasoning for _, _, reasoning in runs)
+
+    @staticmethod
+    def _reasoning_span(runs: list[tuple[int, int, bool]]) -> Span:
+        """From the message's first reasoning run to where its answer starts (or its last
+        reasoning run ends): the reasoning block with its tags."""
+        reasoning = [(s, e) for s, e, r in runs if r]
+        if not reasoning:
+            return (0, 0)
+        start, last = reasoning[0][0], max(e for _, e in reasoning)
+        answers = [s for s, _, r in runs if not r and s >= last]
+        return (start, min(answers) if answers else last)
+
+    def _generation_spans(
+        self,
+        generated: list[Span],
+        messages: list[Message],
+        runs_of: dict[int, list[tuple[int, int, bool]]],
+        targets: list[int],
+    ) -> list[Span]:
+        """The `{% generation %}` spans of the trained messages: spans are matched to messages
+        by the message text they hold (all of them where every assistant message trains)."""
+        spans = [s for s in generated if s[1] > s[0]]
+        assistants = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        if targets == assistants and not self.last_turn_only:
+            return spans
+        owned: list[Span] = []
+        for i in targets:
+            runs = runs_of.get(i)
+            if runs is None:
+                raise ConfigError(
+                    f"{_where(i)}: cannot tell which {{% generation %}} block holds it (for weight, train, "
+                    "last_turn_only or reasoning='rendered'); its text is not found in the rendering"
+                )
+            owned += [s for s in spans if any(s[0] <= a and b <= s[1] for a, b, _ in runs)]
+        owned = sorted(set(owned))
+        return owned[-1:] if self.last_turn_only else owned
+
+    def _regions(
+        self,
+        text: str,
+        occurrences: list[tuple[int, int, int, bool]],
+        targets: list[int],
+    ) -> list[Span]:
+        """Each trained message from the end of the generation prompt before its first run of
+        text (templates without one, such as Mistral's: from the text itself) to the
+        end-of-turn token after its last."""
+        prompts, end_marker = self._turn_markers()
         trained: list[Span] = []
-        for i in assistants[-1:] if self.last_turn_only else assistants:
-            start, end = spans[i]
-            for special in self._specials:
-                if text.startswith(special, end):
-                    end += len(special)
+        # occurrences come in text order: a message's first and last, and its neighbours
+        first_at: dict[int, int] = {}
+        last_at: dict[int, int] = {}
+        for k, occurrence in enumerate(occurrences):
+            first_at.setdefault(occurrence[2], k)
+            last_at[occurrence[2]] = k
+        for i in targets[-1:] if self.last_turn_only else targets:
+            a = first_at.get(i)
+            if a is None:
+                continue
+            b = last_at[i]
+            first, last = occurrences[a][0], occurrences[b][1]
+            before = occurrences[a - 1][1] if a else 0
+            after = occurrences[b + 1][0] if b + 1 < len(occurrences) else len(text)
+            start = first
+            for g in prompts:
+                at = text.rfind(g, before, first)
+                if at >= 0:
+                    start = at + len(g)
                     break
-            trained.append((start, end))
-        content = tuple(spans[i] for i in sorted(spans))
-        return Rendered(text, tuple(trained), content, False)
+            end = last
+            at = text.find(end_marker, last, after) if end_marker else -1
+            if at >= 0:
+                end = at + len(end_marker)  # type: ignore[arg-type]
+            elif self._special_re is not None:
+                m = self._special_re.search(text, last, after)
+                if m:
+                    end = m.end()
+            if end > start:
+                trained.append((start, end))
+        return trained
+
+    def _finish(self, text: str, trained: list[Span], content: list[Span]) -> Rendered:
+        """Cut the leading BOS string, and for a tokenizer without BOS a trailing EOS string
+        with the whitespace after it: documents are joined by the EOS alone there, which then
+        stands for the template's (trained when the cut one was), so no end of turn doubles.
+        With a BOS the reference's "EOS BOS" boundary is kept as it is."""
+        shift = 0
+        if self.bos_token and text.startswith(self.bos_token):
+            shift = len(self.bos_token)
+            text = text[shift:]
+        train_eos = False
+        cut = len(text)
+        if self.eos_token and not self.bos_token:
+            stripped = text.rstrip()
+            if stripped.endswith(self.eos_token):
+                cut = len(stripped) - len(self.eos_token)
+                at = cut + shift
+                train_eos = any(s <= at < e for s, e in trained)
+                text = text[:cut]
+
+        # spans in the cut text's coordinates (content spans may be empty: an empty message)
+        kept = tuple(
+            (max(s - shift, 0), min(e - shift, cut)) for s, e in sorted(trained) if min(e - shift, cut) > s - shift
+        )
+        spans = tuple((max(s - shift, 0), min(e - shift, cut)) for s, e in content if s - shift <= cut)
+        return Rendered(text, tuple(x for x in kept if x[1] > x[0]), spans, train_eos)
+
+
+def _freeze(messages: list[Message], tools: Any) -> Any:
+    """A hashable key for a marked conversation: message items as tuples where the values
+    are plain, else the JSON text; None where it cannot be had."""
+    out: list[Any] = []
+    for m in messages:
+        items = tuple(m.items())
+        if all(type(v) in (str, int, bool, float) for _, v in items):
+            out.append(items)
+        else:
+            try:
+                out.append(json.dumps(m, sort_keys=True))
+            except (TypeError, ValueError):
+                return None
+    if tools is not None:
+        try:
+            out.append(json.dumps(tools, sort_keys=True))
+        except (TypeError, ValueError):
+            return None
+    return tuple(out)
+
+
+def _joined_text_parts(messages: list[Message]) -> list[Message] | None:
+    """The messages with list content made of text parts only joined into strings (None if
+    there is none such, or a part is not text)."""
+    lists = [m for m in messages if isinstance(m.get("content"), list)]
+    if not lists or any(p.get("type") != "text" for m in lists for p in m["content"]):
+        return None
+    return [
+        {**m, "content": "".join(p["text"] for p in m["content"])} if isinstance(m.get("content"), list) else m
+        for m in messages
+    ]
+
+
+def _subtract(spans: list[Span], holes: list[Span]) -> list[Span]:
+    out = []
+    for s, e in spans:
+        pieces = [(s, e)]
+        for hs, he in holes:
+            if he <= hs:
+                continue
+            pieces = [p for a, b in pieces for p in ((a, min(b, hs)), (max(a, he), b)) if p[1] > p[0]]
+        out += pieces
+    return out
 
 
 def _describe(exc: BaseException) -> str:
@@ -369,7 +1098,8 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-Template = PromptTemplate | ChatTemplate
+Template = PromptTemplate | StanfordAlpacaTemplate | ChatTemplate
+NAMED = ("alpaca", "stanford_alpaca", "chat")
 
 
 def make_template(
@@ -380,10 +1110,14 @@ def make_template(
     eos_token: str | None = None,
     special_tokens: Sequence[str] = (),
     last_turn_only: bool = False,
+    reasoning: str = "train",
 ) -> Template:
-    """Resolve `template=`: "alpaca", "chat", a template string, or a path to a template file."""
+    """Resolve `template=`: "alpaca", "stanford_alpaca", "chat", a template string, or a path
+    to a template file."""
     if spec == "alpaca":
         return PromptTemplate(ALPACA_TEMPLATE)
+    if spec == "stanford_alpaca":
+        return StanfordAlpacaTemplate()
     if spec == "chat":
         if not chat_template:
             raise ConfigError(
@@ -403,8 +1137,8 @@ def make_template(
         source = spec
     else:
         raise ConfigError(
-            f"template={spec!r} is not 'alpaca', 'chat', a template string with {{prompt}}/{{response}} "
-            "placeholders, or an existing template file"
+            f"template={spec!r} is not 'alpaca', 'stanford_alpaca', 'chat', a template string with "
+            "{prompt}/{response} placeholders, or an existing template file"
         )
     if "{%" in source or "{{" in source:
         return ChatTemplate(
@@ -413,5 +1147,6 @@ def make_template(
             eos_token=eos_token,
             special_tokens=special_tokens,
             last_turn_only=last_turn_only,
+            reasoning=reasoning,
         )
     return PromptTemplate(source)

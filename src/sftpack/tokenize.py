@@ -82,6 +82,9 @@ def encode_documents(
 
     longest = max(map(len, special_ids), default=0)
     strips = tok.special_strips
+    # parsed specials and the plain split route: injections are counted for the batch at once,
+    # from the special-token items the split makes (they are the specials the stream gets)
+    deferred = parse_specials and pattern is not None and split is not None and not in_context and not strips
     for doc in docs:
         first_item = len(kinds)
         n_texts = len(texts)
@@ -89,7 +92,14 @@ def encode_documents(
         if bos is not None:
             add(_ID, bos, 0, -1)
         # a special-token string overlapping user content: an injection, counted
-        injected = pattern is not None and any(_overlapping(pattern, text, s, e, longest) for s, e in doc.content)
+        parts = None
+        if pattern is None or not doc.content or deferred:
+            injected = False  # counted for the whole batch below where deferred
+        elif split is not None and not in_context and not strips:
+            parts = split(text)  # the specials the split finds are the ones the stream gets
+            injected = _injected(parts, doc.content)
+        else:
+            injected = any(_overlapping(pattern, text, s, e, longest) for s, e in doc.content)
         special_docs += injected
         keep_text = injected and not parse_specials
         if keep_text or (strips and not in_context):
@@ -115,7 +125,8 @@ def encode_documents(
         else:
             # split() with a capturing group alternates plain text and special-token strings:
             # [text, special, text, ..., text]; whole lists at a time, no per-piece statements
-            parts = split(text) if split is not None else [text]
+            if parts is None:
+                parts = split(text) if split is not None else [text]
             n = len(parts)
             pos = list(accumulate(map(len, parts), initial=0))
             vals = [0] * n
@@ -159,6 +170,10 @@ def encode_documents(
     tokens[np.repeat(text_item_start - enc.offsets[:-1], seg_lens) + np.arange(len(enc.ids))] = enc.ids
 
     doc_of_item = np.repeat(np.arange(len(docs)), items_per_doc)
+    if deferred:
+        special_docs = _injected_docs(
+            docs, kind, np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64), doc_of_item
+        )
     unit_lengths = np.bincount(doc_of_item, weights=item_len, minlength=len(docs)).astype(np.int64)
     if train_on_prompt:
         mask = np.ones(len(tokens), dtype=np.uint8)
@@ -256,6 +271,54 @@ def _stripped(text: str, m: re.Match[str], strips: dict[str, tuple[bool, bool]],
     return start, end
 
 
+def _injected(parts: list[str], content: Sequence[Span]) -> bool:
+    """Whether a special-token string of a split text ([text, special, text, ...]) overlaps
+    a non-empty content span (lies in it, or straddles its edge)."""
+    if len(parts) == 1:
+        return False
+    spans = sorted((s, e) for s, e in content if e > s)
+    if not spans:
+        return False
+    pos, k = len(parts[0]), 0
+    for i in range(1, len(parts), 2):
+        start = pos
+        pos += len(parts[i])
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        if k == len(spans):
+            return False
+        if spans[k][0] < pos:
+            return True
+        pos += len(parts[i + 1])
+    return False
+
+
+def _injected_docs(
+    docs: Sequence[Rendered], kind: np.ndarray, starts: np.ndarray, ends: np.ndarray, doc_of_item: np.ndarray
+) -> int:
+    """How many documents have a special-token item overlapping their content (the batch's
+    texts joined by one separator: one coordinate system, one search)."""
+    special = (kind == _ID) & (ends >= 0)
+    if not special.any():
+        return 0
+    n = len(docs)
+    base = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter((len(d.text) + 1 for d in docs), dtype=np.int64, count=n), out=base[1:])
+    flat = [p for d in docs for span in d.content if span[1] > span[0] for p in span]
+    if not flat:
+        return 0
+    spans = np.asarray(flat, dtype=np.int64).reshape(-1, 2)
+    span_doc = np.repeat(np.arange(n), [sum(1 for a, b in d.content if b > a) for d in docs])
+    lo, hi = spans[:, 0] + base[span_doc], spans[:, 1] + base[span_doc]
+    order = np.argsort(lo, kind="stable")
+    lo, hi = lo[order], np.maximum.accumulate(hi[order])
+    item_doc = doc_of_item[special]
+    s_lo, s_hi = starts[special] + base[item_doc], ends[special] + base[item_doc]
+    k = np.searchsorted(lo, s_hi, side="left") - 1
+    hit = (k >= 0) & (hi[np.maximum(k, 0)] > s_lo)
+    return len(np.unique(item_doc[hit]))
+
+
 def _overlapping(pattern: re.Pattern[str], text: str, start: int, end: int, longest: int) -> bool:
     """Whether a special-token string overlaps text[start:end]: lies in it, or straddles an
     edge (user text completed by the template's characters must not make a special token)."""
@@ -328,14 +391,10 @@ def _mask(
 
 
 def _utf8_offsets(text: str, positions: np.ndarray) -> np.ndarray:
-    """UTF-8 byte offset of each character position of `text` (one pass over the text)."""
+    """UTF-8 byte offset of each character position of `text` (vectorised over the text)."""
     if text.isascii():
         return positions
-    points, inverse = np.unique(positions, return_inverse=True)
-    out = np.empty(len(points), dtype=np.int64)
-    done = previous = 0
-    for i, p in enumerate(points.tolist()):
-        done += len(text[previous:p].encode("utf-8"))
-        previous = p
-        out[i] = done
-    return out[inverse]
+    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    cumulative = np.zeros(len(points) + 1, dtype=np.int64)
+    np.cumsum(1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000), out=cumulative[1:])
+    return cumulative[positions]

@@ -1,0 +1,243 @@
+"""Chat data as it really is, through whole builds: tool messages, tool calls, conversation
+tools, content parts, ShareGPT function calls, reasoning, per-message weights; no doubled end
+of turn without BOS; masks equal transformers' `return_assistant_tokens_mask`; errors name
+file:line and the message; the Stanford Alpaca prompt."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import quicktok
+from helpers import stored_units, stream, trained_runs
+
+from sftpack import InputError, PackedSFTDataset
+from sftpack.tokenizers import QuicktokTokenizer
+
+DATA = Path(__file__).parent / "data"
+TEMPLATES = DATA / "chat_templates"
+QWEN3 = quicktok.get_encoding("qwen3")
+LLAMA3 = quicktok.get_encoding("llama3")
+IM_END = QWEN3.encode_single_token("<|im_end|>")
+NEWLINE = QWEN3.encode_ordinary("\n")
+
+
+def build(path, tokenizer="llama3", seq_length=16, **kwargs) -> PackedSFTDataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PackedSFTDataset(tokenizer, path, seq_length=seq_length, **kwargs)
+
+
+def qwen_like(name: str = "qwen2_5") -> QuicktokTokenizer:
+    """Qwen as its Hugging Face tokenizer is set up: no BOS, EOS <|im_end|>, its chat template."""
+    return QuicktokTokenizer("qwen3", bos_token=None, eos_token="<|im_end|>",
+                             chat_template=(TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8"))
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather.",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+TOOL_CHAT = {
+    "tools": [WEATHER],
+    "messages": [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "18 C"},
+        {"role": "assistant", "content": "It is 18 C."},
+    ],
+}
+
+
+@pytest.mark.parametrize("train_on_prompt", [True, False])
+def test_no_doubled_end_of_turn_without_bos(jsonl, train_on_prompt):
+    rows = [TOOL_CHAT, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}]
+    ds = build(jsonl(rows * 2), qwen_like(), template="chat", train_on_prompt=train_on_prompt)
+    for ids, mask in stored_units(ds, with_mask=True):
+        assert ids[-1] == IM_END and ids[-2] != IM_END and ids[-1 - len(NEWLINE):-1] != NEWLINE
+        assert QWEN3.decode(ids).endswith("<|im_end|>") and "<|im_end|>\n<|im_end|>" not in QWEN3.decode(ids)
+        assert mask[-1] == 1  # the conversation ends with an assistant turn: its end of turn is trained
+    ids, _ = stream(ds)
+    text = QWEN3.decode(ids)
+    assert "18 C.<|im_end|><|im_start|>system\nYou are Qwen" in text and "Hello!<|im_end|><|im_start|>system\nUse" in text
+    if not train_on_prompt:
+        runs = [QWEN3.decode(r) for r in trained_runs(*stored_units(ds, with_mask=True)[0])]
+        assert runs == ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+                        "It is 18 C.<|im_end|>"]
+
+
+def test_tool_calls_tools_and_content_parts_are_accepted_and_masked(jsonl):
+    ds = build(jsonl([TOOL_CHAT] * 2), qwen_like(), template="chat", train_on_prompt=False)
+    ids, mask = stored_units(ds, with_mask=True)[0]
+    text = QWEN3.decode(ids)
+    assert '"name": "get_weather"' in text and "<tool_response>\n18 C\n</tool_response>" in text
+    untrained = QWEN3.decode([t for t, m in zip(ids, mask) if not m])
+    for held_out in ("Use tools.", "Weather in Paris?", "18 C\n</tool_response>", "<tools>"):
+        assert held_out in untrained
+
+
+def test_sharegpt_function_call_and_observation_equal_openai_tool_messages(jsonl):
+    sharegpt = {
+        "tools": json.dumps([WEATHER]),  # LLaMA-Factory stores them as a JSON string
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+            {"from": "observation", "value": "18 C"},
+            {"from": "gpt", "value": "It is 18 C."},
+        ],
+    }
+    openai = {"tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "18 C"},
+        {"role": "assistant", "content": "It is 18 C."},
+    ]}
+    a = build(jsonl([sharegpt] * 2, "a.jsonl"), qwen_like(), template="chat", train_on_prompt=False)
+    b = build(jsonl([openai] * 2, "b.jsonl"), qwen_like(), template="chat", train_on_prompt=False)
+    assert stream(a) == stream(b)
+    assert "<tool_call>" in QWEN3.decode(stream(a)[0])
+
+
+def test_llama31_ipython_tool_results_are_not_trained(jsonl):
+    template = str(TEMPLATES / "llama3_1.jinja")
+    row = {"messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "ipython", "content": "18 C"},
+        {"role": "assistant", "content": "It is 18 C."},
+    ], "tools": [WEATHER]}
+    ds = build(jsonl([row] * 2), template=template, train_on_prompt=False)
+    runs = [LLAMA3.decode(r) for r in trained_runs(*stored_units(ds, with_mask=True)[0])]
+    assert runs == ['{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>', "It is 18 C.<|eot_id|>"]
+
+
+@pytest.mark.parametrize("train_on_prompt", [True, False])
+def test_qwen3_think_content_is_accepted(jsonl, train_on_prompt):
+    rows = [{"messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\n4"},
+    ]}] * 2
+    ds = build(jsonl(rows), qwen_like("qwen3"), template="chat", train_on_prompt=train_on_prompt)
+    ids, mask = stored_units(ds, with_mask=True)[0]
+    assert QWEN3.decode(ids) == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\nTwo and two.\n</think>\n\n4<|im_end|>"
+    if not train_on_prompt:
+        assert [QWEN3.decode(r) for r in trained_runs(ids, mask)] == ["<think>\nTwo and two.\n</think>\n\n4<|im_end|>"]
+
+
+def test_masks_equal_transformers_assistant_masks(jsonl, hf_llama3):
+    source = (TEMPLATES / "llama3_training.jinja").read_text(encoding="utf-8")
+    convs = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+         {"role": "assistant", "content": " Hello!\n"}, {"role": "user", "content": "Bye"},
+         {"role": "assistant", "content": "Bye, café 🚀."}],
+        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+    ]
+    ds = build(jsonl([{"messages": c} for c in convs]), hf_llama3, template=source, train_on_prompt=False)
+    for (ids, mask), conv in zip(stored_units(ds, with_mask=True), convs):
+        out = hf_llama3.apply_chat_template(conv, chat_template=source, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        assert ids[:-1] == out["input_ids"]  # the unit: the rendering (its BOS the delimiter) and EOS
+        assert mask[:-1] == out["assistant_masks"]
+        assert sum(mask) > 0
+
+
+def test_per_message_weight_and_train_flag(jsonl):
+    row = {"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "first", "weight": 0},
+        {"role": "user", "content": "b"}, {"role": "assistant", "content": "second", "weight": 1},
+        {"role": "user", "content": "c"}, {"role": "assistant", "content": "third", "train": False},
+    ]}
+    ds = build(jsonl([row] * 2), template="chat", train_on_prompt=False)
+    runs = [LLAMA3.decode(r) for r in trained_runs(*stored_units(ds, with_mask=True)[0])]
+    assert runs == ["second<|eot_id|>"]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        pytest.param({"role": "assistant", "content": "x", "weight": 2}, r"messages\[1\]\.weight must be 0 or 1.*message 2",
+                     id="weight"),
+        pytest.param({"role": "assistant", "content": 5}, r"messages\[1\]\.content must be a string.*message 2",
+                     id="content"),
+        pytest.param({"role": "assistant", "content": [{"text": "x"}]}, r"messages\[1\]\.content\[0\].*message 2",
+                     id="content-part"),
+        pytest.param({"role": "assistant", "content": "x", "tool_calls": "f()"}, r"tool_calls must be a list.*message 2",
+                     id="tool-calls"),
+    ],
+)
+def test_bad_messages_name_file_line_and_message(jsonl, bad, message):
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    path = jsonl([good, {"messages": [{"role": "user", "content": "Hi"}, bad]}])
+    with pytest.raises(InputError, match=rf"^{path}:2: .*{message}"):
+        build(path, template="chat")
+
+
+def test_template_errors_and_unfollowable_templates_name_file_line_and_what_to_do(jsonl):
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    strict = "{% for m in messages %}{% if m.content == 'boom' %}{{ raise_exception('no boom') }}{% endif %}{{ m.content }}{% endfor %}"
+    path = jsonl([good, good, {"messages": [{"role": "user", "content": "boom"}, {"role": "assistant", "content": "x"}]}])
+    with pytest.raises(InputError, match=rf"^{path}:3: the chat template failed: no boom"):
+        build(path, template=strict)
+    # output that depends on the answer's value: the answer cannot be located; the message names it
+    branching = "{% for m in messages %}{{ m.role }}: {% if m.content|length > 3 %}long{% else %}{{ m.content }}{% endif %}\n{% endfor %}"
+    path = jsonl([good, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a long answer"}]}],
+                 "b.jsonl")
+    with pytest.raises(InputError, match=rf"^{path}:2: .*messages\[1\] \(message 2\).*generation"):
+        build(path, template=branching, train_on_prompt=False)
+
+
+def test_prompt_templates_refuse_tool_messages_naming_them(jsonl):
+    path = jsonl([TOOL_CHAT])
+    with pytest.raises(InputError, match=rf"^{path}:1: .*template='chat'"):
+        build(path, template="Q: {prompt}\nA: {response}")
+
+
+def test_stanford_alpaca_is_the_stanford_prompt(jsonl):
+    stanford = json.loads((DATA / "stanford_alpaca_prompt.json").read_text(encoding="utf-8"))
+    rows = [
+        {"instruction": "Translate to French.", "input": "Good morning {x}", "output": "Bonjour"},
+        {"instruction": "Say hi", "input": "", "output": "Hi!"},
+        {"instruction": "Count to three", "output": "1 2 3"},
+    ]
+    ds = build(jsonl(rows), template="stanford_alpaca", train_on_prompt=False)
+    for (ids, mask), row in zip(stored_units(ds, with_mask=True), rows):
+        key = "prompt_input" if row.get("input", "") != "" else "prompt_no_input"
+        source = stanford[key].format_map(row)  # as Stanford's train.py formats it
+        assert ids == [128000, *LLAMA3.encode_ordinary(source + row["output"]), 128001]
+        assert LLAMA3.decode([t for t, m in zip(ids, mask) if m]) == row["output"] + "<|end_of_text|>"
+    assert "### Input:\nGood morning {x}\n\n### Response:Bonjour" in LLAMA3.decode(stream(ds)[0])
+
+
+def test_the_default_alpaca_template_is_unchanged_by_stanford(jsonl):
+    rows = [{"instruction": "Translate.", "input": "Good morning", "output": "Bonjour"}]
+    ds = build(jsonl(rows * 2))
+    assert "Translate.\n\nGood morning\n\n### Response:\nBonjour" in LLAMA3.decode(stream(ds)[0])
+    assert np.asarray(ds.store.tokens).tolist()[0] == 128000
+
+
+def test_reasoning_option_flows_through_the_build(jsonl):
+    rows = [{"messages": [
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\n4"},
+    ]}] * 2
+    ds = build(jsonl(rows), qwen_like("qwen3"), template="chat", train_on_prompt=False, reasoning="mask")
+    ids, mask = stored_units(ds, with_mask=True)[0]
+    assert [QWEN3.decode(r) for r in trained_runs(ids, mask)] == ["4<|im_end|>"]
+    assert ds.store.manifest["options"]["reasoning"] == "mask"
+
+
+def test_records_of_one_shape_are_each_checked_against_their_own_rendering(jsonl):
+    # the skeleton is cached per shape; a record whose text takes another branch of the
+    # template is still located right (its own rendering is walked, not the skeleton trusted)
+    template = ("{% for m in messages %}{{ m.role }}: {% if m.content == 'secret' %}[redacted]"
+                "{% else %}{{ m.content }}{% endif %}<|eot_id|>{% endfor %}")
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in [("hello", "world"), ("secret", "answer"), ("hi", "there")]]
+    ds = build(jsonl(rows), template=template, train_on_prompt=False)
+    runs = [[LLAMA3.decode(r) for r in trained_runs(ids, mask)] for ids, mask in stored_units(ds, with_mask=True)]
+    assert runs == [[" world<|eot_id|>"], [" answer<|eot_id|>"], [" there<|eot_id|>"]]  # " world": one token
+    assert "[redacted]" in LLAMA3.decode(stored_units(ds)[1])

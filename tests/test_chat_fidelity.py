@@ -1,0 +1,244 @@
+"""Real chat templates (tests/data/chat_templates, sources in its README) render as
+transformers' `apply_chat_template` renders them, on conversations with system prompts,
+many turns, tools, tool calls and results, reasoning and content parts; masks train the
+assistant's text and tool calls and nothing of the system, user or tool results; where a
+template has `{% generation %}` markers, the trained text is exactly what they enclose
+(transformers' `return_assistant_tokens_mask`)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+
+from sftpack import ConfigError
+from sftpack.templates import Chat, ChatTemplate
+
+DATA = Path(__file__).parent / "data" / "chat_templates"
+
+LLAMA = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+         "<|eom_id|>", "<|python_tag|>"]
+CHATML = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+GEMMA = ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
+PHI3 = ["<s>", "</s>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+DEEPSEEK = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+            "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+            "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
+            "<｜tool▁output▁end｜>"]
+GPTOSS = ["<|startoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|call|>", "<|return|>",
+          "<|constrain|>"]
+MISTRAL = ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+           "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+
+# template file -> (bos_token, eos_token, special tokens) as the family's tokenizer has them
+FAMILIES = {
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>", LLAMA),
+    "llama3_1": ("<|begin_of_text|>", "<|eot_id|>", LLAMA),
+    "llama3_2": ("<|begin_of_text|>", "<|eot_id|>", LLAMA),
+    "qwen2_5": (None, "<|im_end|>", CHATML),
+    "qwen3": (None, "<|im_end|>", CHATML),
+    "gemma": ("<bos>", "<eos>", GEMMA),
+    "gemma3": ("<bos>", "<eos>", GEMMA),
+    "phi3": ("<s>", "<|endoftext|>", PHI3),
+    "phi3_5": ("<s>", "<|endoftext|>", PHI3),
+    "deepseekv3": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", DEEPSEEK),
+    "deepseek_r1_distill": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", DEEPSEEK),
+    "gptoss": ("<|startoftext|>", "<|return|>", GPTOSS),
+    "mistral_v3": ("<s>", "</s>", MISTRAL),
+    "mistral_v7": ("<s>", "</s>", MISTRAL),
+}
+TRAINING = ["llama3_training", "qwen2_5_training", "qwen3_training", "gemma3_training", "phi3_training",
+            "deepseekv3_training", "deepseek_r1_distill_training", "gptoss_training"]
+for _name in TRAINING:
+    FAMILIES[_name] = FAMILIES[_name.removesuffix("_training")]
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city."}},
+                   "required": ["city"]}}}
+
+
+def call(city: str, id: str = "call12345") -> dict:
+    return {"id": id, "type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+
+
+# Every content holds a word of its own (u1, a1, s1, t1, r1, ...), so the tests can tell where it lies.
+CORPUS = {
+    "system-multi-turn": Chat([
+        {"role": "system", "content": "You are terse. s1word"},
+        {"role": "user", "content": "What is the capital of France? u1word"},
+        {"role": "assistant", "content": "Paris. a1word"},
+        {"role": "user", "content": "  And of Italy?\n u2word "},
+        {"role": "assistant", "content": "\nRome, since 1871 — «a2word» {{ not jinja }} \"quoted\"\n"},
+    ]),
+    "no-system": Chat([
+        {"role": "user", "content": "Say hi u1word"},
+        {"role": "assistant", "content": "Hi! a1word"},
+    ]),
+    "content-parts": Chat([
+        {"role": "user", "content": [{"type": "text", "text": "Parts here u1word"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Parts back a1word"}]},
+    ]),
+    "tools": Chat([
+        {"role": "system", "content": "Use tools. s1word"},
+        {"role": "user", "content": "Weather in Paris? u1word"},
+        {"role": "assistant", "tool_calls": [call("Paris t1word")]},
+        {"role": "tool", "tool_call_id": "call12345", "name": "get_weather", "content": "18 C and sunny o1word"},
+        {"role": "assistant", "content": "It is 18 C and sunny. a2word"},
+    ], tools=[WEATHER]),
+    "reasoning-field": Chat([
+        {"role": "user", "content": "2+2? u1word"},
+        {"role": "assistant", "reasoning_content": "Two and two r1word.", "content": "4 a1word"},
+        {"role": "user", "content": "3+3? u2word"},
+        {"role": "assistant", "reasoning_content": "Three and three r2word.", "content": "6 a2word"},
+    ]),
+    "reasoning-in-content": Chat([
+        {"role": "user", "content": "2+2? u1word"},
+        {"role": "assistant", "content": "<think>\nTwo and two r1word.\n</think>\n\n4 a1word"},
+        {"role": "user", "content": "3+3? u2word"},
+        {"role": "assistant", "content": "<think>\nThree and three r2word.\n</think>\n\n6 a2word"},
+    ]),
+}
+
+ROLE_OF = {"s": "system", "u": "user", "a": "assistant", "t": "tool_call", "o": "tool", "r": "reasoning"}
+WORD = re.compile(r"([suator])(\d)word")
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    """transformers' apply_chat_template with a given template and special tokens."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend)
+
+    def render(name: str, chat: Chat, **kwargs):
+        bos, eos, _ = FAMILIES[name]
+        return hf.apply_chat_template(copy.deepcopy(chat.messages), tools=chat.tools, tokenize=False,
+                                      chat_template=source(name), bos_token=bos, eos_token=eos, **kwargs)
+
+    return render
+
+
+def source(name: str) -> str:
+    return (DATA / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def template(name: str, **kwargs) -> ChatTemplate:
+    bos, eos, specials = FAMILIES[name]
+    return ChatTemplate(source(name), bos_token=bos, eos_token=eos, special_tokens=specials, **kwargs)
+
+
+CASES = [(name, conv) for name in FAMILIES for conv in CORPUS]
+
+
+@pytest.mark.parametrize("name, conv", CASES)
+def test_renders_as_transformers_and_trains_the_assistant_only(oracle, name, conv):
+    chat = CORPUS[conv]
+    t = template(name)
+    try:
+        expected = oracle(name, chat)
+    except Exception as exc:  # the template refuses the conversation: so must sftpack, saying why
+        with pytest.raises(ConfigError, match="the chat template failed"):
+            t.render_text(chat)
+        assert str(exc)
+        return
+    assert t.render_text(chat) == expected
+    doc = t.render(chat)
+    head = t.bos_token if t.bos_token and expected.startswith(t.bos_token) else ""
+    assert expected.startswith(head + doc.text)
+    tail = expected[len(head + doc.text):]
+    assert tail in ("", t.eos_token) or (not t.bos_token and tail.rstrip() == t.eos_token)
+    last = chat.messages[-1]
+    words = WORD.findall(str(last.get("content")))
+    if tail.strip() and last["role"] == "assistant" and words and all(f"{a}{b}word" in doc.text for a, b in words):
+        assert doc.train_eos  # the template's final end of turn is the delimiter EOS: trained
+    trained = [False] * len(doc.text)
+    for s, e in doc.trained:
+        trained[s:e] = [True] * (e - s)
+    seen = set()
+    for m in WORD.finditer(doc.text):
+        role = ROLE_OF[m.group(1)]
+        seen.add(role)
+        flags = set(trained[m.start():m.end()])
+        if role in ("assistant", "tool_call", "reasoning"):
+            assert flags == {True}, f"{m.group()} ({role}) not trained"
+        else:
+            assert flags == {False}, f"{m.group()} ({role}) trained"
+    if "a1word" in doc.text:
+        assert doc.trained
+
+
+@pytest.mark.parametrize("name", TRAINING)
+@pytest.mark.parametrize("conv", list(CORPUS))
+def test_generation_markers_train_exactly_what_transformers_masks(oracle, name, conv):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    chat = CORPUS[conv]
+    bos, eos, _ = FAMILIES[name]
+    try:
+        rendered, indices = render_jinja_template(
+            conversations=[copy.deepcopy(chat.messages)], tools=chat.tools, chat_template=source(name),
+            return_assistant_tokens_mask=True, bos_token=bos, eos_token=eos)
+    except Exception:
+        pytest.skip("the template refuses this conversation (tested above)")
+    t = template(name)
+    doc = t.render(chat)
+    head = len(bos) if bos and rendered[0].startswith(bos) else 0
+    expected = [(s - head, min(e - head, len(doc.text))) for s, e in indices[0] if e > s]
+    assert list(doc.trained) == [(s, e) for s, e in expected if e > s]
+
+
+def test_qwen3_trains_the_last_turns_reasoning_and_drops_none(oracle):
+    t = template("qwen3")
+    chat = CORPUS["reasoning-in-content"]
+    doc = t.render(chat)
+    trained = "".join(doc.text[s:e] for s, e in doc.trained)
+    # the template renders only the last turn's reasoning; earlier turns' answers are still trained
+    assert "r1word" not in doc.text and "r2word" in trained and "a1word" in trained
+    assert trained.endswith("6 a2word")  # the final <|im_end|> is the delimiter EOS, trained
+    assert doc.train_eos
+
+
+def test_reasoning_mask_and_rendered_only(oracle):
+    chat = CORPUS["reasoning-in-content"]
+    masked = template("qwen3", reasoning="mask").render(chat)
+    trained = "".join(masked.text[s:e] for s, e in masked.trained)
+    assert "r2word" not in trained and "<think>" not in trained and "6 a2word" in trained and "a1word" in trained
+    rendered = template("qwen3", reasoning="rendered").render(chat)
+    trained = "".join(rendered.text[s:e] for s, e in rendered.trained)
+    assert "a1word" not in trained  # its reasoning was dropped by the template: not trained
+    assert "r2word" in trained and "a2word" in trained
+
+
+@pytest.mark.parametrize("key, value", [("weight", 0), ("train", False)])
+@pytest.mark.parametrize("name", ["qwen2_5", "llama3_training"])
+def test_weight_zero_or_train_false_leaves_a_turn_untrained(name, key, value):
+    chat = copy.deepcopy(CORPUS["system-multi-turn"])
+    chat.messages[2][key] = value
+    doc = template(name).render(chat)
+    trained = "".join(doc.text[s:e] for s, e in doc.trained)
+    assert "a1word" not in trained and "a2word" in trained
+    assert "a1word" in doc.text
+
+
+def test_strftime_now_and_tojson_are_transformers(oracle):
+    import datetime
+
+    src = "{{ strftime_now('%Y-%m-%d') }}|{{ messages[0].content | tojson }}|{{ {'b': 1, 'a': [1]} | tojson(indent=2, sort_keys=True) }}"
+    t = ChatTemplate(src, bos_token=None, eos_token=None)
+    chat = Chat([{"role": "user", "content": "<a & 'b'> é"}, {"role": "assistant", "content": "x"}])
+    text = t.render_text(chat)
+    assert text.split("|")[0] == datetime.date.today().isoformat()
+    assert text.split("|")[1] == '"<a & \'b\'> é"'  # not HTML-escaped, not ASCII-escaped
+    assert text.split("|", 2)[2] == '{\n  "a": [\n    1\n  ],\n  "b": 1\n}'
+
+
+def test_the_sandbox_is_immutable():
+    t = ChatTemplate("{% set x = messages.append(1) %}{{ messages }}", bos_token=None, eos_token=None)
+    with pytest.raises(ConfigError, match="the chat template failed"):
+        t.render_text(Chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]))
