@@ -70,7 +70,7 @@ class BuildOptions:
     seed: int | None = _opt("plan", "shuffle seed (default: a fresh one, recorded)", None)
     schema: str = _opt("store", "auto, prompt_response, alpaca, messages, sharegpt", "auto")
     fields: Mapping[str, str] = _opt("store", "rename a field: NAME=KEY", factory=dict, flag="--field")
-    template: str = _opt("store", "alpaca, chat, a template string or a template file", "alpaca")
+    template: str = _opt("store", "alpaca, stanford_alpaca, chat, a template string or a template file", "alpaca")
     train_on_prompt: bool = _opt(
         "store",
         "train on every token (the reference); --no-train-on-prompt: response tokens only",
