@@ -166,6 +166,12 @@ def test_cli_build_bfd_and_stats(store, tmp_path, capsys):
     report = capsys.readouterr().out
     assert "seq_length 256" in report and "packing efficiency" in report
     assert (tmp_path / "fill.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for args in (["--seq-length", "256"], ["--seq-length", "96", "--packing", "concat"]):
+        assert main(["stats", str(out), *args]) == 0  # the targets stats reports are those the rows serve
+        line = next(x for x in capsys.readouterr().out.splitlines() if "supervised labels:" in x)
+        ds = open_packed(out, seq_length=int(args[1]), packing=args[-1] if "concat" in args else None)
+        served = sum(int((ds[i]["labels"] != IGNORE_INDEX).sum()) for i in range(len(ds)))
+        assert line.split()[2] == f"{served:,}"
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"seq_length": 33, "shuffle": True, "seed": 2},

@@ -252,7 +252,8 @@ def _stats(args: argparse.Namespace) -> int:
     options = options_for(store, **{f.name: getattr(args, f.name) for f in option_fields("plan")})
     view = View(store, options, count_supervised=True)
     pad = view.pad if options.packing == "bfd" else None
-    print("\n".join(report_lines(view.plan.stats, view.lengths, pad=pad)))
+    labels = (view.supervision()[0], int(store.manifest["counts"]["supervised_tokens"]))
+    print("\n".join(report_lines(view.plan.stats, view.lengths, pad=pad, labels=labels)))
     if args.plot:
         print(f"plot: {plot(view.plan.stats, view.lengths, row_fill(view.plan), args.plot)}")
     return 0

@@ -78,10 +78,17 @@ def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.2f}%" if whole else "0.00%"
 
 
-def report_lines(stats: PlanStats, lengths: np.ndarray, *, pad: bool | None = None) -> list[str]:
+def report_lines(
+    stats: PlanStats,
+    lengths: np.ndarray,
+    *,
+    pad: bool | None = None,
+    labels: tuple[int, int] | None = None,
+) -> list[str]:
     """The summary to print: counts with nothing rounded away, losses named, a WARNING
     whenever a token is lost. `pad`: True says rows are padded to seq_length, False that
-    they are served unpadded (flattened), None says nothing about it."""
+    they are served unpadded (flattened), None says nothing about it. `labels`: (supervised
+    labels the rows serve, supervised tokens in the store), where counted."""
     s, L = stats, stats.seq_length
     sup = (
         "unknown"
@@ -107,6 +114,15 @@ def report_lines(stats: PlanStats, lengths: np.ndarray, *, pad: bool | None = No
         ("tokens lost", f"{s.tokens_lost:,} of {s.tokens_in:,} ({_pct(s.tokens_lost, s.tokens_in)})"),
         ("supervised lost", sup),
     ]
+    if labels is not None:
+        served, supervised = labels
+        fields.append(
+            (
+                "supervised labels",
+                f"{served:,} of {supervised:,} supervised tokens are targets "
+                f"({supervised - served:,} not: lost tokens, and each row's (concat) or piece's (bfd) first token)",
+            )
+        )
     out = [f"packing report (seq_length {L:,}):"] + [f"  {k + ':':<21}{v}" for k, v in fields]
     if s.tokens_lost:
         out.append(
