@@ -96,14 +96,15 @@ class Batches:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[Any]:
-        sampler, epoch = self.sampler, self.sampler.epoch
+        """One pass. `set_epoch` or `load_state_dict` during it, or another pass begun, stops
+        it (ConfigError) at its next batch, so the position is always what was handed out."""
+        sampler = self.sampler
+        generation, epoch = sampler.begin(), sampler.epoch
         for batch in self.loader:
-            if sampler.epoch != epoch:
-                raise ConfigError(
-                    "set_epoch or load_state_dict was called during a pass over the batches: call it between passes"
-                )
+            sampler.check(generation)
             sampler.step += 1
             yield batch
+        sampler.check(generation)
         sampler.finish(epoch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -156,7 +157,9 @@ def batch_sampler(
 ) -> StatefulBatchSampler:
     """The batch sampler `iterate_batches` serves from, for a DataLoader of your own, e.g.
     torchdata's `StatefulDataLoader(ds, batch_sampler=batch_sampler(ds, 8, True),
-    collate_fn=sftpack.collate)`, whose state then carries the sampler's. Same arguments."""
+    collate_fn=sftpack.collate)`, whose state then carries the sampler's. Same arguments.
+    Resume through the DataLoader's `load_state_dict` (it applies at its next pass); the
+    sampler's own `set_epoch`/`load_state_dict` during a pass stop that pass (ConfigError)."""
     if rank is None or world_size is None:
         dist_rank, dist_world = distributed_rank_world()
         if world_size is None:
