@@ -53,8 +53,9 @@ def _refuse_aligned(ids: torch.Tensor, labels: torch.Tensor) -> None:
     raise ConfigError(
         "collate got labels aligned with input_ids (a dataset opened with labels='hf'): sftpack.collate and "
         "iterate_batches serve the reference (shifted) labels, for a loss that does not shift them, and these would "
-        "train every token to predict itself. Batch them with sftpack.hf.DataCollator (iterate_batches(..., "
-        "collate_fn=sftpack.hf.DataCollator())) for a Hugging Face model, or open the dataset without labels='hf'"
+        "train every token to predict itself. Batch them with sftpack.hf.DataCollator (from sftpack.hf import "
+        "DataCollator; iterate_batches(..., collate_fn=DataCollator())) for a Hugging Face model, or open the "
+        "dataset without labels='hf'"
     )
 
 
