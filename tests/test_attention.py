@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,3 +54,10 @@ def test_document_ids_and_errors():
         document_ids([[3, 3], [5]])
     with pytest.raises(ConfigError, match="empty"):
         document_ids([])
+    with pytest.raises(ConfigError, match=r"row 1 must be >= 0"):  # every row is checked, not the first only
+        document_ids([[2, 2], [5, -1]])
+    with pytest.raises(ConfigError, match="row 0 must be integers"):
+        document_ids([[1.5, 2.5]])
+    with pytest.raises(ConfigError, match="row 0 must be integers"):
+        document_ids(torch.tensor([2.0, 2.0]))
+    assert document_ids(np.array([[2, 2], [1, 3]], np.int32)).tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]

@@ -12,6 +12,7 @@ from transformers import DataCollatorWithFlattening
 
 from sftpack import iterate_batches, open_packed
 from sftpack.build import BuildOptions, build
+from sftpack.errors import ConfigError
 from sftpack.loader import collate, collate_flattened
 from sftpack.pack import row_span
 
@@ -146,3 +147,22 @@ def test_iterate_batches_with_boundaries(jsonl, tmp_path):
         _check_varlen(batch, items)
         seen += len(items)
     assert seen == len(ds)
+
+
+def test_collate_refuses_hf_labels(jsonl, tmp_path):
+    """labels='hf' items through the default collate: a loss that does not shift would train
+    every token to predict itself. The Hugging Face collator takes them."""
+    from sftpack.hf import DataCollator
+
+    hf = _dataset(jsonl, tmp_path).with_labels("hf")
+    with pytest.raises(ConfigError, match=r"labels='hf'.*sftpack\.hf\.DataCollator"):
+        collate([hf[0], hf[1]])
+    with pytest.raises(ConfigError, match="DataCollator"):
+        next(iter(iterate_batches(hf, 4, shuffle=False)))
+    batch = next(iter(iterate_batches(hf, 4, shuffle=False, collate_fn=DataCollator())))
+    assert torch.equal(batch["labels"], torch.stack([hf[r]["labels"] for r in range(4)]))
+    # a batch both conventions fit (a repeated token, or nothing supervised) is no evidence
+    same = {"input_ids": torch.tensor([7, 7, 7]), "labels": torch.tensor([-100, 7, 7])}
+    assert collate([same])["labels"].tolist() == [[-100, 7, 7]]
+    none = {"input_ids": torch.tensor([1, 2, 3]), "labels": torch.full((3,), -100)}
+    assert collate([none])["input_ids"].tolist() == [[1, 2, 3]]

@@ -257,6 +257,24 @@ def test_collator_positions_from_any_key(stores):
     assert ragged["position_ids"][1, 10:].tolist() == list(range(SEQ - 10))
 
 
+def test_collator_and_cache_dir_refusals(stores, tmp_path):
+    ds = open_packed(stores["all-concat"], labels="hf")
+    items = [ds[i] for i in range(2)]
+    bare = {"input_ids": items[1]["input_ids"], "labels": items[1]["labels"]}  # no boundaries: one document
+    for padding_free in (False, True):
+        with pytest.raises(ConfigError, match="feature 1 has no document boundaries"):
+            DataCollator(padding_free=padding_free)([items[0], bare])
+    with pytest.raises(ConfigError, match=r"must be 1-D.*\(1, 2\)"):
+        DataCollator()([{"input_ids": torch.tensor([[1, 2]]), "labels": torch.tensor([[1, 2]])}])
+    DataCollator()([bare, bare])  # none with boundaries: each row one sequence, as documented
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for cache_dir in (afile, afile / "below"):
+        with pytest.raises(ConfigError, match="afile is not a directory"):
+            to_hf_dataset(ds, cache_dir=str(cache_dir))
+    assert afile.read_text() == "keep"
+
+
 def test_one_training_step_under_trainer_defaults(stores, model, reference, tmp_path):
     """The whole loop (accelerate, gradient step) takes the collator's batches; one batch
     holds every row, so the step's loss is the reference's mean."""

@@ -11,6 +11,7 @@ import pytest
 
 from sftpack import open_packed
 from sftpack.build import BuildOptions, build
+from sftpack.errors import ConfigError
 from sftpack.isolation import IsolationReport, check_isolation
 from sftpack.pack import row_span
 
@@ -138,3 +139,23 @@ def test_documented_path_as_run_with_the_default_cache(jsonl, tmp_path, capsys):
     cached = check_isolation(path, rows=2, use_cache=None)
     assert not cached.passed and cached.max_abs_diff > 100 * cached.atol
     assert f"tokens compared:   {cached.tokens}" in out and cached.pieces > 2
+
+
+def test_unpadded_bfd_rows_of_different_lengths(jsonl, tmp_path):
+    path = _store(jsonl, tmp_path, short=True, packing="bfd", pad=False, shuffle=True, seed=1)
+    ds = open_packed(path)
+    rows = 6
+    assert len({len(ds[r]["input_ids"]) for r in range(rows)}) > 1  # ragged rows, some of several pieces
+    assert max(len(ds[r]["seq_lens"]) for r in range(rows)) > 1
+    for padding_free in (False, True):
+        report = check_isolation(path, rows=rows, padding_free=padding_free)
+        assert report.passed and report.rows == rows
+        assert report.pieces == sum(len(ds[r]["seq_lens"]) for r in range(rows))
+        assert report.tokens == sum(int((ds[r]["labels"] != -100).sum()) for r in range(rows))
+        assert not check_isolation(path, rows=rows, padding_free=padding_free, packed_positions=False).passed
+
+
+def test_rows_below_one_are_refused(tmp_path):
+    for rows in (0, -1):
+        with pytest.raises(ConfigError, match="rows must be an integer >= 1"):
+            check_isolation(tmp_path, rows=rows)

@@ -120,6 +120,27 @@ def test_set_epoch_loop_after_a_resume(ds):
     same(head + tail, reference)
 
 
+def test_load_state_dict_during_a_pass_stops_it(ds):
+    """A rewind inside a pass: the old pass must not go on serving batches the position does
+    not count (a resume would then train them twice)."""
+    reference, _ = take(make(ds, 0), 4)
+    loader = make(ds, 0)
+    start = loader.state_dict()
+    it = iter(loader)
+    same([next(it) for _ in range(3)], reference[:3])
+    loader.load_state_dict(start)
+    with pytest.raises(ConfigError, match="call it between passes"):
+        next(it)
+    assert loader.state_dict() == start
+    head, state = take(loader, 2)
+    same(head, reference[:2])
+    assert state["rows"] == 2 * 4
+    older, newer = iter(loader), iter(loader)
+    same([next(older), next(newer)], reference[2:4])
+    with pytest.raises(ConfigError, match="another pass"):
+        next(older)
+
+
 def test_a_state_from_another_dataset_is_refused(store, ds):
     _, state = take(make(ds, 0), 2)
     other = sftpack.open_packed(store, shuffle=True, seed=3, seq_length=8)

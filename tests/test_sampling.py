@@ -213,3 +213,70 @@ def test_a_pass_that_runs_out_moves_to_the_next_epoch():
     assert len(e0) == len(e1) == 3 and e0 != e1
     assert e1 == list(Schedule(10, 4, shuffle=True, seed=1).batches(1))
     assert (s.epoch, s.step) == (2, 0)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"seed": None}, "lacks seed"),
+        ({"fingerprint": None}, "lacks fingerprint"),
+        ({"extra": 1}, "unknown fields extra"),
+        ({"batch_size": "12"}, "batch_size must be an integer >= 1"),
+        ({"batch_size": 12.9}, "batch_size must be an integer >= 1"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"batch_size": -12, "world_size": -1}, "world_size must be an integer >= 1"),
+        ({"shuffle": 1}, "shuffle must be True or False"),
+        ({"seed": True}, "seed must be an integer >= 0"),
+        ({"epoch": False}, "epoch must be an integer >= 0"),
+        ({"version": True}, "version True"),
+        ({"fingerprint": "101"}, "fingerprint must be a mapping"),
+        ({"rows": 10**12}, "beyond the end of an epoch of 101 rows"),
+        ({"rows": 120}, "beyond the end of an epoch of 101 rows"),
+    ],
+)
+def test_a_state_is_validated_whole(change, field):
+    (s,) = samplers_at(1)
+    state = s.state_dict()
+    for key, value in change.items():
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value
+    fresh = StatefulBatchSampler(Schedule(101, 12, shuffle=True, seed=5))
+    with pytest.raises(ConfigError, match=field):
+        fresh.load_state_dict(state)
+    assert (fresh.epoch, fresh.step) == (0, 0)
+    fresh.load_state_dict({**s.state_dict(), "rows": 108})  # the end of the longest tail: accepted
+    assert fresh.step == 9
+
+
+def test_a_position_set_during_a_pass_stops_it():
+    """The pass can no longer hand out batches the position does not count: resumed batches
+    would be trained twice (or skipped)."""
+    schedule = Schedule(30, 4, shuffle=True, seed=1)
+    s = StatefulBatchSampler(schedule)
+    start = s.state_dict()
+    it = iter(s)
+    served = [next(it) for _ in range(3)]
+    s.load_state_dict(start)
+    with pytest.raises(ConfigError, match="between passes"):
+        next(it)
+    assert s.state_dict() == start
+    assert next(iter(s)) == served[0]  # a new pass serves from the loaded position
+    it = iter(s)
+    next(it)
+    s.set_epoch(3)
+    with pytest.raises(ConfigError, match="between passes"):
+        next(it)
+    older, newer = iter(s), iter(s)
+    next(older)
+    assert next(newer) == list(schedule.batches(3))[1]
+    with pytest.raises(ConfigError, match="another pass"):
+        next(older)
+    last = iter(s)
+    for _ in range(len(s) - 2):
+        next(last)
+    s.load_state_dict(start)  # after the last batch, before the pass ran out: no move to the next epoch
+    with pytest.raises(ConfigError):
+        next(last)
+    assert s.state_dict() == start

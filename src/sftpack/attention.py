@@ -12,33 +12,47 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from .errors import ConfigError
 
 
-def document_ids(seq_lens: Sequence[Any] | torch.Tensor) -> torch.Tensor:
+def document_ids(seq_lens: Sequence[Any] | torch.Tensor | np.ndarray) -> torch.Tensor:
     """(B, L) int32: the index of the document piece each token belongs to, per row.
 
-    `seq_lens`: one 1-D sequence of piece lengths per row (a (B, k) tensor, or a list of
+    `seq_lens`: one 1-D sequence of piece lengths per row (a (B, k) tensor or array, or a list of
     1-D tensors / lists of possibly different k), or a single 1-D one for one row. Every
     row must have the same total length L.
     """
+    if isinstance(seq_lens, np.ndarray):  # (B, k) or (k,), as a tensor of the same shape
+        seq_lens = torch.from_numpy(seq_lens)
     rows = [seq_lens] if isinstance(seq_lens, torch.Tensor) and seq_lens.ndim == 1 else list(seq_lens)
     if rows and not isinstance(rows[0], (torch.Tensor, Sequence)):  # a flat list of ints: one row
         rows = [rows]
     if not rows:
         raise ConfigError("seq_lens is empty: there is no row to mask")
-    lens = [torch.as_tensor(r, dtype=torch.int64).reshape(-1) for r in rows]
+    lens = [_lengths(r, b) for b, r in enumerate(rows)]
     totals = {int(x.sum()) for x in lens}
-    if len(totals) != 1 or (lens[0] < 0).any():
+    if len(totals) != 1:
         raise ConfigError(f"every row's seq_lens must sum to the same length (got {sorted(totals)})")
     return torch.stack([torch.repeat_interleave(torch.arange(len(x)), x) for x in lens]).to(torch.int32)
 
 
+def _lengths(row: Any, index: int) -> torch.Tensor:
+    """Row `index`'s piece lengths as int64, refused unless integers >= 0 (no silent truncation)."""
+    x = torch.as_tensor(row).reshape(-1)
+    if x.numel() and (x.dtype == torch.bool or x.is_floating_point() or x.is_complex()):
+        raise ConfigError(f"seq_lens of row {index} must be integers, got {x.dtype}: {x.tolist()}")
+    x = x.to(torch.int64)
+    if (x < 0).any():
+        raise ConfigError(f"seq_lens of row {index} must be >= 0, got {x.tolist()}")
+    return x
+
+
 def document_block_mask(
-    seq_lens: Sequence[Any] | torch.Tensor,
+    seq_lens: Sequence[Any] | torch.Tensor | np.ndarray,
     *,
     device: str | torch.device = "cpu",
     block_size: int = 128,

@@ -18,8 +18,10 @@ torch is imported here; transformers and datasets only inside the functions that
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -82,12 +84,30 @@ def check_hf_labels(input_ids: np.ndarray, labels: np.ndarray, row: int = 0) -> 
         )
 
 
+POSITION_KEYS = ("position_ids", "seq_lens", "seq_lengths")
+
+
 def _features(features: Sequence[Mapping[str, Any]]) -> list[_Row]:
+    """The rows of a batch, checked: 1-D, labels aligned, and positions from all or none (a
+    row without them would be taken as one document, attending across its documents)."""
+    with_positions = [any(key in f for key in POSITION_KEYS) for f in features]
+    if any(with_positions) and not all(with_positions):
+        r = with_positions.index(False)
+        raise ConfigError(
+            f"feature {r} has no document boundaries ({', '.join(POSITION_KEYS)}) but others of the batch do: "
+            "it would be treated as one document attending across its documents. Batch items of one dataset "
+            "opened with the same options (boundaries=True or packing='bfd')"
+        )
     rows = []
     for r, feature in enumerate(features):
         if "input_ids" not in feature or "labels" not in feature:
             raise ConfigError(f"feature {r} has keys {sorted(feature)}; the collator needs input_ids and labels")
         ids, labels = _int64(feature["input_ids"]), _int64(feature["labels"])
+        if ids.ndim != 1 or labels.ndim != 1:
+            raise ConfigError(
+                f"feature {r}: input_ids and labels must be 1-D (one row each; the collator makes the batch), "
+                f"got shapes {ids.shape} and {labels.shape}"
+            )
         positions = row_positions(feature, len(ids))
         if not len(ids) == len(labels) == len(positions):
             raise ConfigError(f"feature {r}: input_ids, labels and positions have different lengths")
@@ -177,6 +197,19 @@ def _rows(dataset: PackedSFTDataset, pieces: bool):
         yield row
 
 
+def _check_cache_dir(cache_dir: str | os.PathLike) -> None:
+    """Refuse a cache_dir that is, or lies under, something other than a directory."""
+    path = Path(cache_dir).absolute()
+    for at in (path, *path.parents):
+        if at.exists():
+            if not at.is_dir():
+                raise ConfigError(
+                    f"to_hf_dataset(cache_dir={str(cache_dir)!r}): {at} is not a directory; "
+                    "pass a directory (it is created if missing) or leave cache_dir out"
+                )
+            return
+
+
 def to_hf_dataset(
     dataset: PackedSFTDataset, *, streaming: bool = False, cache_dir: str | None = None
 ) -> datasets.Dataset | datasets.IterableDataset:
@@ -194,6 +227,8 @@ def to_hf_dataset(
     """
     import datasets
 
+    if cache_dir is not None:
+        _check_cache_dir(cache_dir)
     hf = dataset.with_labels("hf")
     pieces = bool(hf.options.boundaries or hf.options.packing == "bfd")
     columns = {

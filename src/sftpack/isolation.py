@@ -36,6 +36,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 ATTN_IMPLEMENTATION = "sdpa"
 
 
@@ -151,7 +153,8 @@ def check_isolation(
     the same packed as alone (see the module docstring).
 
     Works on any store: with `boundaries` the rows' own `position_ids`/`seq_lens` are used,
-    otherwise they are computed from the stored document offsets. `packed_positions=False`
+    otherwise they are computed from the stored document offsets; rows of different lengths
+    (bfd with pad=False) are each compared at their own length. `packed_positions=False`
     runs the packed rows without position_ids (plain causal attention across documents):
     a negative control that must fail on rows holding more than one document.
     `padding_free` and `use_cache` are the collator's (see the module docstring).
@@ -163,25 +166,24 @@ def check_isolation(
     from .hf import DataCollator
     from .plans import ConcatPlan
 
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ConfigError(f"rows must be an integer >= 1 (the rows to check), got {rows!r}")
     ds = open_packed(path, boundaries=True)  # the plan's own positions and document pieces
-    n_rows = min(int(rows), len(ds))
+    n_rows = min(rows, len(ds))
     if n_rows < 1:
-        raise ValueError(f"{path}: the store has no rows to check")
+        raise ConfigError(f"{path}: the store has no rows to check")
     L = ds.seq_length
     vocab_size = int(ds.store.manifest["tokenizer"]["vocab_size"])
 
-    ids, labels, positions, lens = [], [], [], []
-    for r in range(n_rows):
-        item = ds[r]
-        ids.append(item["input_ids"])
-        labels.append(item["labels"])
-        positions.append(item["position_ids"])
-        lens.append(item["seq_lens"].numpy().astype(np.int64))
-    input_ids = torch.stack(ids)
-    label_rows = torch.stack(labels)
-    position_rows = torch.stack(positions)
+    # rows may differ in length (bfd with pad=False): each is kept at its own length
+    items = [ds[r] for r in range(n_rows)]
+    input_ids = [item["input_ids"][None] for item in items]
+    label_rows = [item["labels"] for item in items]
+    position_rows = [item["position_ids"][None] for item in items]
+    lens = [item["seq_lens"].numpy().astype(np.int64) for item in items]
+    lengths = [len(item["input_ids"]) for item in items]
 
-    max_pos = int(position_rows.max()) + 1
+    max_pos = max(int(p.max()) for p in position_rows if p.numel()) + 1
     model = tiny_llama(vocab_size, max(L, max_pos), seed, attn_implementation)
 
     hf = ds.with_labels("hf")
@@ -189,8 +191,10 @@ def check_isolation(
     if not packed_positions:
         del batch["position_ids"]
     with torch.no_grad():
-        packed_logits = model(**batch).logits.float().reshape(n_rows, L, -1)
-    packed_loss = _token_loss(packed_logits, label_rows)
+        logits = model(**batch).logits.float()
+    # padded: row r is logits[r, :its length] (the rest is the collator's padding segment)
+    packed_logits = torch.split(logits[0], lengths) if padding_free else [logits[r, :n] for r, n in enumerate(lengths)]
+    packed_loss = [_token_loss(x, y) for x, y in zip(packed_logits, label_rows)]
 
     details: list[PieceResult] = []
     max_diff = 0.0
@@ -204,15 +208,15 @@ def check_isolation(
         offset = 0
         for k, n in enumerate(lens[r].tolist()):
             sl = slice(offset, offset + n)
-            piece_logits = _forward(model, input_ids[r : r + 1, sl], position_rows[r : r + 1, sl])[0]
-            piece_labels = label_rows[r, sl]
+            piece_logits = _forward(model, input_ids[r][:, sl], position_rows[r][:, sl])[0]
+            piece_labels = label_rows[r][sl]
             piece_loss = _token_loss(piece_logits, piece_labels)
             compare = piece_labels != -100
             if r * L + offset + n in cut_at:  # the last label targets the next document (concat)
                 compare[-1] = False
-            diff = (piece_loss - packed_loss[r, sl]).abs()[compare]
+            diff = (piece_loss - packed_loss[r][sl]).abs()[compare]
             piece_max = float(diff.max()) if diff.numel() else 0.0
-            max_logit_diff = max(max_logit_diff, float((piece_logits - packed_logits[r, sl]).abs().max()))
+            max_logit_diff = max(max_logit_diff, float((piece_logits - packed_logits[r][sl]).abs().max()))
             details.append(PieceResult(r, k, offset, n, int(compare.sum()), piece_max))
             tokens += int(compare.sum())
             max_diff = max(max_diff, piece_max)

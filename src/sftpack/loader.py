@@ -18,7 +18,9 @@ from .view import hf_labels
 
 def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor] | int]:
     """Stack rows into (B, L) tensors. With boundaries, `seq_lens` stays a list (one per row)
-    and `cu_seqlens`/`max_seqlen` describe the batch flattened to B*L tokens (flash-attn varlen)."""
+    and `cu_seqlens`/`max_seqlen` describe the batch flattened to B*L tokens (flash-attn varlen).
+    Labels are sftpack's reference (shifted) ones, for a loss that does not shift: items served
+    with `labels="hf"` are refused (ConfigError), they go to `sftpack.hf.DataCollator`."""
     if len({len(item["input_ids"]) for item in items}) > 1:
         raise ValueError(
             "rows of different lengths (a bfd plan with pad=False) cannot be stacked: "
@@ -27,6 +29,8 @@ def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor 
     batch: dict[str, torch.Tensor | list[torch.Tensor] | int] = {
         key: torch.stack([item[key] for item in items]) for key in items[0] if key != "seq_lens"
     }
+    if "labels" in batch and "input_ids" in batch:
+        _refuse_aligned(batch["input_ids"], batch["labels"])  # type: ignore[arg-type]
     if "seq_lens" in items[0]:
         lens = [item["seq_lens"] for item in items]
         flat = torch.cat(lens)
@@ -34,6 +38,25 @@ def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor 
         batch["cu_seqlens"] = torch.from_numpy(cu_seqlens(flat.numpy()))
         batch["max_seqlen"] = int(flat.max())
     return batch
+
+
+def _refuse_aligned(ids: torch.Tensor, labels: torch.Tensor) -> None:
+    """Refuse (B, L) labels that are aligned with `input_ids` (labels="hf": every supervised
+    label is its own input token) and not shifted (some supervised label is not the next
+    input): a loss without a shift would train each token to predict itself. A batch that
+    both conventions fit (no supervision, repeated tokens) passes."""
+    supervised = labels != IGNORE_INDEX
+    if not bool(supervised.any()) or not bool((labels[supervised] == ids[supervised]).all()):
+        return
+    if bool(((labels[:, :-1] == ids[:, 1:]) | ~supervised[:, :-1]).all()):
+        return
+    raise ConfigError(
+        "collate got labels aligned with input_ids (a dataset opened with labels='hf'): sftpack.collate and "
+        "iterate_batches serve the reference (shifted) labels, for a loss that does not shift them, and these would "
+        "train every token to predict itself. Batch them with sftpack.hf.DataCollator (from sftpack.hf import "
+        "DataCollator; iterate_batches(..., collate_fn=DataCollator())) for a Hugging Face model, or open the "
+        "dataset without labels='hf'"
+    )
 
 
 def collate_flattened(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -96,14 +119,15 @@ class Batches:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[Any]:
-        sampler, epoch = self.sampler, self.sampler.epoch
+        """One pass. `set_epoch` or `load_state_dict` during it, or another pass begun, stops
+        it (ConfigError) at its next batch, so the position is always what was handed out."""
+        sampler = self.sampler
+        generation, epoch = sampler.begin(), sampler.epoch
         for batch in self.loader:
-            if sampler.epoch != epoch:
-                raise ConfigError(
-                    "set_epoch or load_state_dict was called during a pass over the batches: call it between passes"
-                )
+            sampler.check(generation)
             sampler.step += 1
             yield batch
+        sampler.check(generation)
         sampler.finish(epoch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -156,7 +180,9 @@ def batch_sampler(
 ) -> StatefulBatchSampler:
     """The batch sampler `iterate_batches` serves from, for a DataLoader of your own, e.g.
     torchdata's `StatefulDataLoader(ds, batch_sampler=batch_sampler(ds, 8, True),
-    collate_fn=sftpack.collate)`, whose state then carries the sampler's. Same arguments."""
+    collate_fn=sftpack.collate)`, whose state then carries the sampler's. Same arguments.
+    Resume through the DataLoader's `load_state_dict` (it applies at its next pass); the
+    sampler's own `set_epoch`/`load_state_dict` during a pass stop that pass (ConfigError)."""
     if rank is None or world_size is None:
         dist_rank, dist_world = distributed_rank_world()
         if world_size is None:

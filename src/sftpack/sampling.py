@@ -123,8 +123,15 @@ class Schedule:
 
     def steps_after(self, rows: int) -> int:
         """The steps done at position `rows` (inverse of `rows_after`; a position saved with
-        another tail rule clamps to this epoch's end). Refuses a position inside a step."""
+        another tail rule clamps to this epoch's end). Refuses a position inside a step or
+        beyond the longest epoch any tail rule gives (`ceil(rows / global_batch)` steps)."""
         rows = _check_int("rows", rows, 0)
+        end = -(-self.rows // self.global_batch) * self.global_batch
+        if rows > end:
+            raise ConfigError(
+                f"position {rows} (rows consumed) is beyond the end of an epoch of {self.rows} rows "
+                f"(at most {end} with a global batch of {self.global_batch}): the state is not one this loader saved"
+            )
         if rows % self.global_batch == 0:
             return min(rows // self.global_batch, self.steps)
         if rows >= self.rows:  # the end of an epoch whose last batch was short
@@ -150,6 +157,33 @@ def check_resume(saved_batch: int, saved_world: int, batch_size: int, world_size
         f"{saved}; a global batch of {g} does not split evenly over world_size={world_size}: "
         f"resume on a world size of {', '.join(map(str, divisors(g)))} (batch_size = {g} / world size)"
     )
+
+
+STATE_KEYS = ("format", "version", "fingerprint", "seed", "shuffle", "epoch", "rows", "world_size", "batch_size")
+
+
+def check_state(state: Any) -> dict[str, Any]:
+    """`state` as a loader state, validated whole: exactly `STATE_KEYS`, integers (not bools)
+    in range, `shuffle` a bool, `fingerprint` a mapping; else a `ConfigError` naming the field."""
+    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+        raise ConfigError("not an sftpack loader state (no 'format': 'sftpack.batches' entry)")
+    version = state.get("version")
+    if isinstance(version, bool) or version != STATE_VERSION:
+        raise ConfigError(
+            f"loader state version {version!r} is not understood by this sftpack (it reads version {STATE_VERSION})"
+        )
+    missing, unknown = [k for k in STATE_KEYS if k not in state], sorted(map(str, set(state) - set(STATE_KEYS)))
+    if missing or unknown:
+        problems = [f"lacks {', '.join(missing)}"] if missing else []
+        problems += [f"has unknown fields {', '.join(unknown)}"] if unknown else []
+        raise ConfigError(f"the loader state {' and '.join(problems)}: pass the dict state_dict() returned, unchanged")
+    if not isinstance(state["fingerprint"], Mapping):
+        raise ConfigError(f"the loader state's fingerprint must be a mapping, got {state['fingerprint']!r}")
+    if not isinstance(state["shuffle"], bool):
+        raise ConfigError(f"the loader state's shuffle must be True or False, got {state['shuffle']!r}")
+    for key, low in (("seed", 0), ("epoch", 0), ("rows", 0), ("world_size", 1), ("batch_size", 1)):
+        _check_int(f"the loader state's {key}", state[key], low)
+    return dict(state)
 
 
 def check_fingerprint(saved: Mapping[str, Any], here: Mapping[str, Any]) -> None:
@@ -182,17 +216,35 @@ class StatefulBatchSampler:
         self.fingerprint = dict(fingerprint if fingerprint is not None else {"rows": schedule.rows})
         self.epoch = 0
         self.step = 0  # batches of the epoch served
+        self.generation = 0  # bumped by each pass begun and each position set: a stale pass stops
 
     def __len__(self) -> int:
         """Batches in a whole epoch, on this rank."""
         return self.schedule.steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        epoch = self.epoch
+        generation, epoch = self.begin(), self.epoch
         for batch in self.schedule.batches(epoch, self.step):
+            self.check(generation)
             self.step += 1
             yield batch
+        self.check(generation)
         self.finish(epoch)
+
+    def begin(self) -> int:
+        """Start a pass: the token its `check` calls take. An earlier pass still open stops."""
+        self.generation += 1
+        return self.generation
+
+    def check(self, generation: int) -> None:
+        """Refuse to go on with a pass (ConfigError) once the position was set under it
+        (`set_epoch` to another epoch, `load_state_dict`) or a newer pass began: its batches
+        would no longer be the ones the position counts."""
+        if generation != self.generation:
+            raise ConfigError(
+                "set_epoch or load_state_dict was called during a pass over the batches (or another pass "
+                "was started): call it between passes, and start a new pass after it"
+            )
 
     def finish(self, epoch: int) -> None:
         """The pass over `epoch` ran out: the next one serves the following epoch."""
@@ -203,6 +255,7 @@ class StatefulBatchSampler:
         epoch = _check_int("epoch", epoch, 0)
         if epoch != self.epoch:
             self.epoch, self.step = epoch, 0
+            self.generation += 1
 
     def state_dict(self) -> dict[str, Any]:
         """Small, JSON-serialisable and the same on every rank."""
@@ -221,14 +274,9 @@ class StatefulBatchSampler:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue where `state` stopped; refused (ConfigError) over another dataset, seed,
-        shuffle or global batch size. Another world size is fine if the global batch is kept."""
-        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise ConfigError("not an sftpack loader state (no 'format': 'sftpack.batches' entry)")
-        if state.get("version") != STATE_VERSION:
-            raise ConfigError(
-                f"loader state version {state.get('version')!r} is not understood by this sftpack "
-                f"(it reads version {STATE_VERSION})"
-            )
+        shuffle or global batch size. Another world size is fine if the global batch is kept.
+        A pass open over this sampler stops at its next batch (see `check`)."""
+        state = check_state(state)
         s = self.schedule
         check_fingerprint(state["fingerprint"], self.fingerprint)
         for key in ("seed", "shuffle"):
@@ -238,8 +286,8 @@ class StatefulBatchSampler:
                     f"pass {key}={state[key]!r} to resume the same order"
                 )
         check_resume(int(state["batch_size"]), int(state["world_size"]), s.batch_size, s.world_size)
-        epoch = _check_int("epoch", state["epoch"], 0)
-        self.epoch, self.step = epoch, s.steps_after(state["rows"])
+        self.epoch, self.step = int(state["epoch"]), s.steps_after(state["rows"])
+        self.generation += 1
 
 
 def fingerprint_of(dataset: Any, rows: int) -> dict[str, Any]:
@@ -258,11 +306,13 @@ def fingerprint_of(dataset: Any, rows: int) -> dict[str, Any]:
 
 __all__ = [
     "STATE_FORMAT",
+    "STATE_KEYS",
     "STATE_VERSION",
     "Schedule",
     "StatefulBatchSampler",
     "check_fingerprint",
     "check_resume",
+    "check_state",
     "divisors",
     "epoch_order",
     "fingerprint_of",
