@@ -313,3 +313,26 @@ def test_the_label_option(stores, tmp_path):
         boundaries=True,
     )
     assert torch.equal(built[2]["labels"], hf[2]["labels"])
+
+
+def test_hf_labels_carry_document_boundaries_on_a_store_built_without_them(tmp_path):
+    """The documented HF path on a default (concat, no boundaries) store: rows still tell the
+    model where documents start, so a HF model never lets them attend to each other."""
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "data.jsonl", _records())
+    path = build(data, tmp_path / "s", BuildOptions(seq_length=SEQ), "llama3").path
+    assert open_packed(path).options.boundaries is False
+    bos = open_packed(path).store.manifest["tokenizer"]["bos_id"]
+    for ds in (open_packed(path, labels="hf"), open_packed(path).with_labels("hf")):
+        assert ds.options.boundaries is True
+        for i in range(len(ds)):
+            item = ds[i]
+            starts = (item["input_ids"] == bos).nonzero().flatten().tolist()
+            assert all(item["position_ids"][s] == 0 for s in starts)  # every document restarts at 0
+            assert int(item["seq_lens"].sum()) == SEQ
+        batch = DataCollator(padding_free=True)([ds[0], ds[1]])
+        assert int((batch["position_ids"] == 0).sum()) >= 2
+    hf = to_hf_dataset(open_packed(path), cache_dir=str(tmp_path / "cache"))
+    assert "position_ids" in hf.column_names and "seq_lengths" in hf.column_names
+    assert open_packed(path, labels="hf", boundaries=False).options.boundaries is False  # an explicit choice stands

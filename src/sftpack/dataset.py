@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,8 @@ class PackedSFTDataset(Dataset):
         **options: Any,
     ) -> None:
         self.labels = check_labels(labels)
+        if labels == "hf":  # HF models see a row's documents as one sequence unless told where they start
+            options.setdefault("boundaries", True)
         opts = resolve_seed(make_options(seq_length=seq_length, shuffle=shuffle, seed=seed, **options))
         self._tmp = None
         if cache_dir is None:
@@ -77,8 +80,13 @@ class PackedSFTDataset(Dataset):
         return self
 
     def with_labels(self, labels: str) -> PackedSFTDataset:
-        """The same rows (same store and plan) in another label convention."""
-        return self if labels == self.labels else PackedSFTDataset.from_store(self.store, self.options, labels=labels)
+        """The same rows (same store and plan) in another label convention; "hf" rows carry
+        their document boundaries (`position_ids`), without which a HF model lets a row's
+        documents attend to each other."""
+        if labels == self.labels:
+            return self
+        options = replace(self.options, boundaries=True) if labels == "hf" else self.options
+        return PackedSFTDataset.from_store(self.store, options, labels=labels)
 
     def _attach(self, store: Store, options: BuildOptions) -> None:
         self.store, self.path, self.options = store, store.path, options
@@ -150,8 +158,11 @@ def open_packed(
     """Reopen a built store as a dataset, planned anew where an option is given (`None`:
     as recorded at build). Never re-tokenizes; `verify` checks every checksum first.
     `labels="hf"` serves labels aligned with `input_ids` for Hugging Face models (Trainer,
-    TRL), which shift them; the default "shifted" is the reference's convention."""
-    check_labels(labels)
+    TRL), which shift them, and then boundaries default to True (`position_ids` restarting
+    at every document, so that HF models keep documents apart); the default "shifted" is the
+    reference's convention."""
+    if check_labels(labels) == "hf" and boundaries is None:
+        boundaries = True
     store = open_store(path, verify=verify)
     options = options_for(
         store,
