@@ -43,18 +43,19 @@ def _expected_counts(path, rows):
     ds = open_packed(path)
     starts = np.asarray(ds.view.plan.offsets)[:-1]
     _, mask = ds.view.stream()
-    rows = min(rows, len(ds))
+    per_row = [1 + int(((starts > row_span(r, SEQ)[0]) & (starts < row_span(r, SEQ)[0] + SEQ)).sum())
+               for r in range(len(ds))]
+    chosen = sorted(sorted(range(len(ds)), key=lambda r: -per_row[r])[:rows])  # the most pieces, first rows on ties
     pieces = tokens = 0
-    for r in range(rows):
+    for r in chosen:
         lo, hi = row_span(r, SEQ)
-        inside = starts[(starts > lo) & (starts < lo + SEQ)]
-        pieces += 1 + len(inside)
+        pieces += per_row[r]
         trained = np.asarray(mask[lo + 1 : hi]).astype(bool)
         if ds.store.manifest["options"]["train_on_prompt"]:
             trained[:] = True
         crossing = np.isin(np.arange(lo + 1, hi), starts)  # target is a document's first token
         tokens += int((trained & ~crossing).sum())
-    return rows, pieces, tokens
+    return len(chosen), pieces, tokens
 
 
 @pytest.mark.parametrize("train_on_prompt", [True, False])
@@ -150,8 +151,12 @@ def test_unpadded_bfd_rows_of_different_lengths(jsonl, tmp_path):
     for padding_free in (False, True):
         report = check_isolation(path, rows=rows, padding_free=padding_free)
         assert report.passed and report.rows == rows
-        assert report.pieces == sum(len(ds[r]["seq_lens"]) for r in range(rows))
-        assert report.tokens == sum(int((ds[r]["labels"] != -100).sum()) for r in range(rows))
+        checked = sorted({d.row for d in report.details})
+        assert len(checked) == rows
+        assert min(len(ds[r]["seq_lens"]) for r in checked) >= max(
+            len(ds[r]["seq_lens"]) for r in range(len(ds)) if r not in checked)  # the rows with the most pieces
+        assert report.pieces == sum(len(ds[r]["seq_lens"]) for r in checked)
+        assert report.tokens == sum(int((ds[r]["labels"] != -100).sum()) for r in checked)
         assert not check_isolation(path, rows=rows, padding_free=padding_free, packed_positions=False).passed
 
 
@@ -159,3 +164,17 @@ def test_rows_below_one_are_refused(tmp_path):
     for rows in (0, -1):
         with pytest.raises(ConfigError, match="rows must be an integer >= 1"):
             check_isolation(tmp_path, rows=rows)
+
+
+def test_rows_holding_several_documents_are_the_ones_checked(jsonl, tmp_path):
+    """bfd puts the split pieces of long documents first, one per row: checking the first
+    rows would test nothing. The rows with the most pieces are checked, and leaking fails."""
+    long = [{"prompt": "alpha " * 90, "response": "beta " * 90} for _ in range(6)]
+    path = jsonl(long + _records(short=True), name="mixed.jsonl")
+    store = build(path, tmp_path / "mixed", BuildOptions(seq_length=SEQ, packing="bfd"), "llama3").path
+    ds = open_packed(store)
+    assert all(len(ds[r]["seq_lens"]) == 1 for r in range(4))  # the first rows: one piece each
+    good = check_isolation(store, rows=4)
+    bad = check_isolation(store, rows=4, packed_positions=False)
+    assert good.passed and good.shared_rows == 4 and not bad.passed
+    assert {d.row for d in good.details}.isdisjoint(range(4))

@@ -65,9 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         parents=[debug],
     )
     c.add_argument("store")
-    c.add_argument("--rows", type=int, default=4)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--atol", type=float, default=1e-4)
+    c.add_argument("--rows", type=int, default=4, help="rows to check: those holding the most documents (default 4)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the tiny random Llama's weights")
+    c.add_argument("--atol", type=float, default=1e-4, help="largest per-token loss difference allowed")
     c.add_argument(
         "--padding-free",
         action="store_true",

@@ -225,6 +225,12 @@ class View:
             np.concatenate([np.asarray(p[1]) for p in parts]),
         )
 
+    def pieces_per_row(self) -> np.ndarray:
+        """How many document pieces each row holds, in the order rows are served."""
+        plan = self.plan.to_plan() if isinstance(self.plan, ConcatPlan) else self.plan
+        counts = np.diff(plan.row_offsets)
+        return counts if self._row_order is None else counts[self._row_order]
+
     def supervision(self) -> tuple[int, int]:
         """(supervised labels in all rows, rows without any), from the loss mask read once
         in bounded chunks: a row's labels are its pieces' tokens but the first of each bfd
