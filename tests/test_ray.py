@@ -233,7 +233,7 @@ def test_killed_driver_leaves_no_store_and_a_rerun_redoes_only_the_corrupted_sha
         raise _Killed()
 
     with monkeypatch.context() as m:
-        m.setattr(d, "_append", killed)  # the driver dies after every task finished
+        m.setattr(d, "_reduce", killed)  # the driver dies after every task finished
         with pytest.raises(_Killed):
             build(SAMPLE, out, options)
     assert not out.exists()
@@ -252,7 +252,7 @@ def test_killed_driver_leaves_no_store_and_a_rerun_redoes_only_the_corrupted_sha
     no_litter(tmp_path)
 
     with monkeypatch.context() as m:  # killed again: a local build of the target cleans the shards
-        m.setattr(d, "_append", killed)
+        m.setattr(d, "_reduce", killed)
         with pytest.raises(_Killed):
             build(SAMPLE, out, options, force=True)
     assert any(".tmp-shards-" in p.name for p in tmp_path.iterdir())
@@ -321,7 +321,7 @@ def test_a_cache_dir_build_reuses_its_shards_after_a_killed_driver(ray_local, sh
 
     options = BuildOptions(seq_length=64, engine="ray")
     with monkeypatch.context() as m:
-        m.setattr(d, "_append", lambda *a: (_ for _ in ()).throw(_Killed()))
+        m.setattr(d, "_reduce", lambda *a: (_ for _ in ()).throw(_Killed()))
         with pytest.raises(_Killed):
             build(SAMPLE, None, options, cache_dir=tmp_path)
     summary = build(SAMPLE, None, options, cache_dir=tmp_path)  # the cache's sweep keeps this build's shards

@@ -8,8 +8,12 @@
    as a small store of its own (`StoreWriter`: tokens, mask, offsets, the first-in-stream
    arrays where the tokenizer needs them, checksums, and a manifest naming the build
    fingerprint and the shard's range) in a staging directory beside the target.
-3. Reduce (driver): the shards are appended in order to the target's `StoreWriter`, whose
-   running sum turns each shard's offsets into global ones; `build` commits the manifest.
+3. Reduce: the driver reads only the shards' manifests (array lengths), prefix-sums them
+   into each shard's place in the store, and preallocates the store's files at full size in
+   the target's temporary directory; Ray tasks (one per shard) copy their shard's arrays
+   there at their byte offsets (offsets made global) and return the digests of the
+   checksum chunks inside what they wrote; the driver hashes only the chunks that straddle
+   two shards and `build` commits. Tokens never pass through the driver.
 
 The staging directory `.NAME.tmp-shards-FINGERPRINT` is a temporary sibling of the target
 (`store.clean_stale` and `store.sweep` remove it like any other); only a Ray build of the
@@ -24,7 +28,6 @@ import functools
 import logging
 import os
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,15 +36,19 @@ import numpy as np
 
 from . import __version__, errors
 from .config import BuildOptions
-from .errors import ConfigError, InputError, SFTPackError, TokenizerError
+from .errors import ConfigError, InputError, SFTPackError, StoreError, TokenizerError
 from .records import InputFile, RecordReader, RemoteFile, _format_of, _open
 from .store import (
+    ALL_ARRAYS,
     MANIFEST,
+    NPY_HEADER,
+    ChunkHasher,
     Store,
     StoreWriter,
     _remove_tree,
     clean_stale,
     open_store,
+    read_manifest,
     target_lock,
     token_dtype,
 )
@@ -50,7 +57,7 @@ from .tokenizers import Tokenizer, load_tokenizer
 
 SHARD_BYTES = 64 << 20  # input bytes a task reads: large enough that a task lasts seconds
 MAX_RETRIES = 3  # attempts Ray makes again for a task whose worker or node died
-APPEND_TOKENS = 1 << 24  # tokens the driver appends at a time (bounded memory in the reduce step)
+COPY_BYTES = 1 << 26  # bytes a reduce task copies at a time (bounded memory)
 
 
 def staging_dir(out: Path, fp: str) -> Path:
@@ -161,40 +168,26 @@ def encode_on_ray(
             raise ConfigError(f"cannot start or join Ray at {where or 'this machine'}: {exc}") from None
     try:
         results = _run(ray, job, shards, _progress_bar(reader.total_bytes, progress))
+        documents = 0  # of the current file
+        for shard, result in zip(shards, results):  # the first error in input order, as the local build meets it
+            if result["error"]:
+                raise _error(result, shard, reader)
+            documents = (documents if shard["start"] else 0) + result["documents"]
+            if shard["start"] + shard["length"] == shard["size"] and documents == 0:
+                path = reader.paths[shard["file"]]
+                raise InputError(path, None, "the file holds no documents (it is empty or blank)")
+        _reduce(ray, job, shards, writer)
     finally:
         if started:
             ray.shutdown()
-    documents = 0  # of the current file
-    for shard, result in zip(shards, results):  # the first error in input order, as the local build meets it
-        if result["error"]:
-            raise _error(result, shard, reader)
-        documents = (documents if shard["start"] else 0) + result["documents"]
-        if shard["start"] + shard["length"] == shard["size"] and documents == 0:
-            raise InputError(reader.paths[shard["file"]], None, "the file holds no documents (it is empty or blank)")
-    special_docs = 0
-    for shard, result in zip(shards, results):
-        _append(writer, open_store(_shard_path(job, shard)))
-        special_docs += result["special_docs"]
-    _remove_tree(Path(job.staging))  # every shard is in the writer; a leftover is cleaned by the next build
-    return special_docs
+    _remove_tree(Path(job.staging))  # every shard is in the store; a leftover is cleaned by the next build
+    return sum(result["special_docs"] for result in results)
 
 
 def _run(ray: Any, job: _Job, shards: list[dict[str, Any]], bar: Any) -> list[dict[str, Any]]:
     """Run the shard tasks; results in shard order, up to (and including) the first shard
     that failed, so that the error reported is the one the local build would meet first."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # one bar, ours, in bytes of input
-    ctx.print_on_execution_start = False
-    ds = ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
-    task = functools.partial(run_shard, job)
-    with warnings.catch_warnings():
-        # Ray Data has no named parameter for it yet (2.60 deprecates the generic ones); without
-        # it, Ray Data's default retries a task of a lost worker without end
-        warnings.simplefilter("ignore")
-        try:
-            ds = ds.map(task, num_cpus=1, max_retries=MAX_RETRIES)
-        except TypeError:
-            ds = ds.map(task, num_cpus=1)
+    ds = _mapped(ray, shards, functools.partial(run_shard, job))
     done: dict[int, dict[str, Any]] = {}
     first_bad = len(shards)
     quiet = logging.getLogger("ray.data")
@@ -215,6 +208,22 @@ def _run(ray: Any, job: _Job, shards: list[dict[str, Any]], bar: Any) -> list[di
         if bar is not None:
             bar.close()
     return [done[i] for i in range(min(first_bad + 1, len(shards)))]
+
+
+def _mapped(ray: Any, items: list[dict[str, Any]], task: Any) -> Any:
+    """A Ray Data dataset of `task` over `items`, one block (one task) each, retried on a lost worker."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one bar, ours, in bytes of input
+    ctx.print_on_execution_start = False
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    with warnings.catch_warnings():
+        # Ray Data has no named parameter for it yet (2.60 deprecates the generic ones); without
+        # it, Ray Data's default retries a task of a lost worker without end
+        warnings.simplefilter("ignore")
+        try:
+            return ds.map(task, num_cpus=1, max_retries=MAX_RETRIES)
+        except TypeError:
+            return ds.map(task, num_cpus=1)
 
 
 def _first_kind(reader: RecordReader, schema: Schema) -> str:
@@ -329,27 +338,105 @@ def _write_shard(path: Path, job: _Job, shard: dict[str, Any]) -> Store:
     return open_store(path)
 
 
-def _append(writer: StoreWriter, shard: Store) -> None:
-    """Append a shard's documents to `writer`, `APPEND_TOKENS` at a time (memory-mapped)."""
-    for tokens, mask, offsets, append in (
-        (shard.tokens, shard.loss_mask, shard.doc_offsets, writer.append),
-        (shard.first_tokens, shard.first_mask, shard.first_offsets, writer.append_first),
-    ):
-        if tokens is None or mask is None or offsets is None:
-            continue
-        for lo, hi in _chunks(offsets):
-            a, b = int(offsets[lo]), int(offsets[hi])
-            append(tokens[a:b], mask[a:b], np.diff(offsets[lo : hi + 1]))
+def reduce_plan(lengths: list[dict[str, int]]) -> tuple[list[dict[str, int]], dict[str, int]]:
+    """Where each shard goes in the store, from the shards' array lengths alone (prefix sums).
+
+    Returns, per shard, the element index at which each of its arrays starts in the store's
+    array and the value added to its offsets (`base_KEY`; a shard's offsets drop their
+    leading 0, which the store has once), and the store's array lengths. Pure arithmetic:
+    O(shards) integers, whatever the size of the data."""
+    keys = [k for k in ALL_ARRAYS if k in lengths[0]] if lengths else list(ALL_ARRAYS)[:3]
+    totals = dict.fromkeys(keys, 0)  # documents for an offsets array, else elements
+    places = []
+    for shard in lengths:
+        place = {}
+        for key in keys:
+            if key in _TOKENS_OF:
+                place[f"at_{key}"] = totals[key] + 1
+                place[f"base_{key}"] = totals[_TOKENS_OF[key]]
+            else:
+                place[f"at_{key}"] = totals[key]
+        for key in keys:
+            totals[key] += shard[key] - (key in _TOKENS_OF)
+        places.append(place)
+    return places, {k: v + (k in _TOKENS_OF) for k, v in totals.items()}
 
 
-def _chunks(offsets: np.ndarray) -> Iterator[tuple[int, int]]:
-    """Document ranges [lo, hi) of at most `APPEND_TOKENS` tokens (or one longer document)."""
-    n, lo = len(offsets) - 1, 0
-    while lo < n:
-        hi = int(np.searchsorted(offsets, int(offsets[lo]) + APPEND_TOKENS, side="right")) - 1
-        hi = min(max(hi, lo + 1), n)
-        yield lo, hi
-        lo = hi
+_TOKENS_OF = {"doc_offsets": "tokens", "first_offsets": "first_tokens"}  # the stream an offsets array indexes
+
+
+def _reduce(ray: Any, job: _Job, shards: list[dict[str, Any]], writer: StoreWriter) -> None:
+    """Assemble the store in `writer` from the shards: the driver reads manifests, writes
+    headers and hashes the chunks that straddle shards; tasks copy the arrays."""
+    manifests = [read_manifest(_shard_path(job, shard)) for shard in shards]
+    lengths = [{k: e["length"] for k, e in m["files"].items()} for m in manifests]
+    places, totals = reduce_plan(lengths)
+    sizes = writer.preallocate(totals, sum(m["counts"]["supervised_tokens"] for m in manifests))
+    items = [
+        {
+            "index": shard["index"],
+            "source": str(_shard_path(job, shard)),
+            "target": str(writer.tmp),
+            "chunk": writer.chunk,
+            **place,
+            **{f"size_{k}": v for k, v in sizes.items()},
+        }
+        for shard, place in zip(shards, places)
+    ]
+    rows = {}
+    for row in _mapped(ray, items, copy_shard).iter_rows():
+        rows[row["index"]] = row
+    for item in items:
+        row = rows[item["index"]]
+        if row["error"]:
+            raise StoreError(f"a Ray task could not write the store in {writer.tmp}: {row['error']}")
+        for key in totals:
+            writer.add_digests(key, int(row[f"first_{key}"]), bytes(row[f"run_{key}"]))
+
+
+def copy_shard(item: dict[str, Any]) -> dict[str, Any]:
+    """One reduce task: write a shard's arrays into the preallocated store at their places
+    (offsets made global), fsync, and return the chunk digests of what it wrote."""
+    out: dict[str, Any] = {"index": item["index"], "error": ""}
+    try:
+        shard = open_store(item["source"])
+        for key, name in ALL_ARRAYS.items():
+            if f"size_{key}" not in item:
+                continue
+            values = getattr(shard, key)
+            base = 0
+            if key.endswith("offsets"):
+                values, base = values[1:], item[f"base_{key}"]
+            start = NPY_HEADER + item[f"at_{key}"] * values.dtype.itemsize
+            out[f"first_{key}"], out[f"run_{key}"] = _write_at(
+                Path(item["target"]) / name, start, values, base, item["chunk"], item[f"size_{key}"]
+            )
+    except (OSError, SFTPackError) as exc:
+        out["error"] = str(exc)
+    return out
+
+
+def _write_at(path: Path, start: int, values: np.ndarray, base: int, chunk: int, size: int) -> tuple[int, bytes]:
+    """Write `values` (+ `base`) into the file at byte `start`, hashing the chunks inside."""
+    hasher = ChunkHasher(start, chunk)
+    step = max(1, COPY_BYTES // values.dtype.itemsize)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        at = start
+        for lo in range(0, len(values), step):
+            piece = np.ascontiguousarray(values[lo : lo + step])
+            if base:
+                piece = piece + base
+            view = piece.data.cast("B")
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], at + done)
+            hasher.update(view)
+            at += len(view)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return hasher.finish(size)
 
 
 def _error(result: dict[str, Any], shard: dict[str, Any], reader: RecordReader) -> SFTPackError:
