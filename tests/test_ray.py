@@ -327,3 +327,53 @@ def test_a_cache_dir_build_reuses_its_shards_after_a_killed_driver(ray_local, sh
     summary = build(SAMPLE, None, options, cache_dir=tmp_path)  # the cache's sweep keeps this build's shards
     assert [r["reused"] for r in shards[1]] == [True] * len(shards[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == [summary.path.name]
+
+
+@pytest.mark.parametrize("chunk", [64, 1000], ids=["several_chunks_per_shard", "chunks_across_shards"])
+def test_reduce_by_offsets_reads_only_straddling_chunks_on_the_driver(ray_local, shards, tmp_path, monkeypatch, chunk):
+    """Tasks copy and hash their shard's part of every array; the driver reads only the
+    chunks that straddle two shards (and each file's first, which holds its header)."""
+    import sftpack.store
+
+    monkeypatch.setattr(sftpack.store, "CHUNK", chunk)
+    options = BuildOptions(seq_length=64)
+    build(SAMPLE, tmp_path / "local", options, progress=False)
+    read: list[int] = []
+    real = sftpack.store._chunk_digest
+    monkeypatch.setattr(sftpack.store, "_chunk_digest", lambda b: read.append(len(b)) or real(b))
+    build(SAMPLE, tmp_path / "ray", BuildOptions(seq_length=64, engine="ray"), progress=False)
+    same_store(tmp_path / "local", tmp_path / "ray")
+    files = open_store(tmp_path / "ray", verify=True).manifest["files"]
+    assert all(e["xxh3_128_chunked"]["chunk"] == chunk for e in files.values())
+    chunks = sum(-(-e["bytes"] // chunk) for e in files.values())
+    driver_reads = len(read) - chunks  # open_store(verify=True) above read every chunk once
+    # per file: the chunks of its header (and of the offsets' leading 0) and one per shard boundary
+    assert 0 < driver_reads <= len(files) * (-(-136 // chunk) + len(shards[0]) - 1)
+    assert driver_reads < chunks / 2 or chunk > 500  # small chunks: most are hashed by the tasks
+
+
+def test_a_driver_killed_during_the_reduce_leaves_nothing_that_opens_as_a_store(
+    ray_local, shards, tmp_path, monkeypatch
+):
+    """Killed (no cleanup, as by SIGKILL) after the tasks wrote into the preallocated store:
+    the temporary directory holds full-size arrays and no manifest; the next build removes it."""
+    from sftpack.errors import StoreError
+    from sftpack.store import StoreWriter
+
+    options = BuildOptions(seq_length=64, engine="ray")
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(StoreWriter, "add_digests", lambda *a: (_ for _ in ()).throw(_Killed()))
+        m.setattr(StoreWriter, "abort", lambda self: None)
+        with pytest.raises(_Killed):
+            build(SAMPLE, out, options)
+    assert not out.exists()
+    (tmp,) = [p for p in tmp_path.iterdir() if ".tmp-" in p.name and ".tmp-shards-" not in p.name]
+    assert (tmp / "tokens.npy").stat().st_size > 128
+    with pytest.raises(StoreError, match="missing"):
+        open_store(tmp)
+    build(SAMPLE, out, options)
+    assert all(r["reused"] for r in shards[-1])
+    build(SAMPLE, tmp_path / "local", BuildOptions(seq_length=64), progress=False)
+    same_store(tmp_path / "local", out)
+    no_litter(tmp_path)

@@ -40,6 +40,7 @@ from .errors import ConfigError, InputError, SFTPackError, StoreError, Tokenizer
 from .records import InputFile, RecordReader, RemoteFile, _format_of, _open
 from .store import (
     ALL_ARRAYS,
+    ARRAYS,
     MANIFEST,
     NPY_HEADER,
     ChunkHasher,
@@ -345,10 +346,12 @@ def reduce_plan(lengths: list[dict[str, int]]) -> tuple[list[dict[str, int]], di
     array and the value added to its offsets (`base_KEY`; a shard's offsets drop their
     leading 0, which the store has once), and the store's array lengths. Pure arithmetic:
     O(shards) integers, whatever the size of the data."""
-    keys = [k for k in ALL_ARRAYS if k in lengths[0]] if lengths else list(ALL_ARRAYS)[:3]
+    keys = [k for k in ALL_ARRAYS if any(k in shard for shard in lengths)] or list(ARRAYS)
     totals = dict.fromkeys(keys, 0)  # documents for an offsets array, else elements
     places = []
     for shard in lengths:
+        # a shard without documents has no first-in-stream arrays: it adds nothing to them
+        shard = {**{k: int(k in _TOKENS_OF) for k in keys}, **shard}
         place = {}
         for key in keys:
             if key in _TOKENS_OF:
@@ -404,6 +407,9 @@ def copy_shard(item: dict[str, Any]) -> dict[str, Any]:
             if f"size_{key}" not in item:
                 continue
             values = getattr(shard, key)
+            if values is None:  # no documents, so no first-in-stream arrays: nothing to write
+                out[f"first_{key}"], out[f"run_{key}"] = 0, b""
+                continue
             base = 0
             if key.endswith("offsets"):
                 values, base = values[1:], item[f"base_{key}"]
