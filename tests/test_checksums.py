@@ -215,3 +215,33 @@ def test_a_preallocated_store_killed_before_commit_opens_as_nothing(tmp_path):
                 open_store(writer.tmp)
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_input_fingerprint_is_the_chunked_hash_that_aligned_ranges_can_compute_apart(tmp_path, monkeypatch):
+    """Per file: format, size, and xxh3_128 over its chunks' digests; workers hashing
+    aligned ranges of the file apart give the same chunk digests (so the same value)."""
+    import sftpack.records as records
+
+    monkeypatch.setattr(records, "INPUT_CHUNK", 50)
+    rng = random.Random(4)
+    files = []
+    for name, size in (("a.jsonl", 0), ("b.jsonl", 50), ("c.json", 333)):
+        (tmp_path / name).write_bytes(rng.randbytes(size))
+        files.append(tmp_path / name)
+
+    def per_file(data: bytes) -> bytes:
+        return bytes.fromhex(reference(data, 50))
+
+    expected = xxhash.xxh3_128()
+    for path in files:
+        data = path.read_bytes()
+        expected.update(f"{path.suffix}\0".encode() + f"\0{len(data)}\0".encode() + per_file(data))
+        runs = b""
+        for lo in range(0, len(data), 100):  # two chunks a worker
+            hasher = ChunkHasher(lo, 50)
+            hasher.update(data[lo : lo + 100])
+            runs += hasher.finish(len(data))[1]
+        assert xxhash.xxh3_128_digest(runs) == per_file(data)
+    assert records.fingerprint_inputs(files) == expected.hexdigest()
+    (tmp_path / "c.json").write_bytes(files[2].read_bytes()[:-1] + b"!")
+    assert records.fingerprint_inputs(files) != expected.hexdigest()
