@@ -46,6 +46,7 @@ from .store import (
     ChunkHasher,
     Store,
     StoreWriter,
+    _npy_header,
     _remove_tree,
     clean_stale,
     open_store,
@@ -369,71 +370,122 @@ _TOKENS_OF = {"doc_offsets": "tokens", "first_offsets": "first_tokens"}  # the s
 
 
 def _reduce(ray: Any, job: _Job, shards: list[dict[str, Any]], writer: StoreWriter) -> None:
-    """Assemble the store in `writer` from the shards: the driver reads manifests, writes
-    headers and hashes the chunks that straddle shards; tasks copy the arrays."""
+    """Assemble the store in `writer` from the shards. The driver reads the shards'
+    manifests, prefix-sums their lengths and preallocates the files; Ray tasks copy the
+    arrays and hash every chunk (a chunk by the task whose range holds its first byte,
+    reading the next shards' heads for a chunk that runs past its range): the driver reads
+    no array byte, and the commit only combines the digests."""
     manifests = [read_manifest(_shard_path(job, shard)) for shard in shards]
     lengths = [{k: e["length"] for k, e in m["files"].items()} for m in manifests]
     places, totals = reduce_plan(lengths)
     sizes = writer.preallocate(totals, sum(m["counts"]["supervised_tokens"] for m in manifests))
-    items = [
-        {
-            "index": shard["index"],
-            "source": str(_shard_path(job, shard)),
-            "target": str(writer.tmp),
-            "chunk": writer.chunk,
-            **place,
-            **{f"size_{k}": v for k, v in sizes.items()},
-        }
-        for shard, place in zip(shards, places)
-    ]
-    rows = {}
-    for row in _mapped(ray, items, copy_shard).iter_rows():
-        rows[row["index"]] = row
-    for item in items:
-        row = rows[item["index"]]
+    sources = [str(_shard_path(job, shard)) for shard in shards]
+    items = reduce_tasks(places, sources, writer, sizes)
+    task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(copy_shard)
+    rows = ray.get([task.remote(item) for item in items])
+    for row in rows:
         if row["error"]:
             raise StoreError(f"a Ray task could not write the store in {writer.tmp}: {row['error']}")
         for key in totals:
-            writer.add_digests(key, int(row[f"first_{key}"]), bytes(row[f"run_{key}"]))
+            writer.add_digests(key, *row["digests"][key])
+
+
+def reduce_tasks(
+    places: list[dict[str, int]], sources: list[str], writer: StoreWriter, sizes: dict[str, int]
+) -> list[dict[str, Any]]:
+    """What each reduce task gets: its shard and place, the preallocated store, and the next
+    shards whose heads complete the chunk its range ends inside (when that chunk is its own:
+    chunk k is hashed by the task whose range holds byte k * chunk; the first task also
+    hashes the chunks of the header)."""
+    chunk = writer.chunk
+    bounds = {}  # per array: the byte range each shard writes (contiguous, in shard order)
+    for key in sizes:
+        width = writer.array_dtype(key).itemsize
+        starts = [NPY_HEADER + place[f"at_{key}"] * width for place in places]
+        bounds[key] = list(zip(starts, [*starts[1:], sizes[key]]))
+    items: list[dict[str, Any]] = []
+    for i, place in enumerate(places):
+        last = i
+        for ranges in bounds.values():
+            start, end = ranges[i]
+            if end % chunk and (i == 0 or end // chunk * chunk >= start):
+                while last + 1 < len(places) and ranges[last + 1][0] < (end // chunk + 1) * chunk:
+                    last += 1
+        items.append(
+            {
+                **place,
+                "index": i,
+                "source": sources[i],
+                "target": str(writer.tmp),
+                "chunk": chunk,
+                "sizes": sizes,
+                "dtype": writer.dtype.str,
+                "follow": [{**places[j], "source": sources[j]} for j in range(i + 1, last + 1)],
+            }
+        )
+    return items
 
 
 def copy_shard(item: dict[str, Any]) -> dict[str, Any]:
     """One reduce task: write a shard's arrays into the preallocated store at their places
-    (offsets made global), fsync, and return the chunk digests of what it wrote."""
-    out: dict[str, Any] = {"index": item["index"], "error": ""}
+    (offsets made global), fsync, and return the digests of the chunks that begin inside
+    what it wrote (the first shard's also those of the header)."""
+    out: dict[str, Any] = {"index": item["index"], "error": "", "digests": {}}
     try:
         shard = open_store(item["source"])
-        for key, name in ALL_ARRAYS.items():
-            if f"size_{key}" not in item:
-                continue
-            values = getattr(shard, key)
-            if values is None:  # no documents, so no first-in-stream arrays: nothing to write
-                out[f"first_{key}"], out[f"run_{key}"] = 0, b""
-                continue
-            base = 0
-            if key.endswith("offsets"):
-                values, base = values[1:], item[f"base_{key}"]
+        following = [(open_store(f["source"]), f) for f in item["follow"]]
+        for key, size in item["sizes"].items():
+            values = _values(shard, key, item, np.dtype(item["dtype"]))
             start = NPY_HEADER + item[f"at_{key}"] * values.dtype.itemsize
-            out[f"first_{key}"], out[f"run_{key}"] = _write_at(
-                Path(item["target"]) / name, start, values, base, item["chunk"], item[f"size_{key}"]
-            )
+            hasher = ChunkHasher(0 if item["index"] == 0 else start, item["chunk"])
+            if item["index"] == 0:  # the header (and the offsets' leading 0) the driver wrote
+                total = (size - NPY_HEADER) // values.dtype.itemsize
+                hasher.update(_npy_header(values.dtype, total) + bytes(start - NPY_HEADER))
+            _write_at(Path(item["target"]) / ALL_ARRAYS[key], start, values, hasher)
+            for store, place in following:  # their heads, up to the end of the chunk this range ends in
+                need = -hasher.pos % item["chunk"]
+                if need == 0 or hasher.pos >= size:
+                    break
+                head = _values(store, key, place, values.dtype)[: -(-need // values.dtype.itemsize)]
+                hasher.update(memoryview(np.ascontiguousarray(head).data).cast("B")[:need])
+            out["digests"][key] = hasher.finish(size)
     except (OSError, SFTPackError) as exc:
         out["error"] = str(exc)
     return out
 
 
-def _write_at(path: Path, start: int, values: np.ndarray, base: int, chunk: int, size: int) -> tuple[int, bytes]:
-    """Write `values` (+ `base`) into the file at byte `start`, hashing the chunks inside."""
-    hasher = ChunkHasher(start, chunk)
+def _values(shard: Store, key: str, place: dict[str, Any], tokens: np.dtype) -> np.ndarray:
+    """What a shard contributes to array `key`: its values, offsets made global (lazily:
+    a memory map, shifted piece by piece by `_write_at`); nothing for missing arrays."""
+    values = getattr(shard, key)
+    if values is None:  # a shard without documents has no first-in-stream arrays
+        return np.zeros(0, tokens if key.endswith("tokens") else np.int64 if key in _TOKENS_OF else np.uint8)
+    if key in _TOKENS_OF:
+        return _Shifted(values[1:], place[f"base_{key}"])  # type: ignore[return-value]
+    return values
+
+
+class _Shifted:
+    """Offsets seen with a base added, sliced without reading (a view over the memory map)."""
+
+    def __init__(self, values: np.ndarray, base: int) -> None:
+        self.values, self.base, self.dtype = values, base, values.dtype
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        return np.asarray(self.values[sl]) + self.base
+
+
+def _write_at(path: Path, start: int, values: np.ndarray, hasher: ChunkHasher) -> None:
+    """Write `values` into the file at byte `start`, in pieces, each also fed to `hasher`."""
     step = max(1, COPY_BYTES // values.dtype.itemsize)
     fd = os.open(path, os.O_WRONLY)
     try:
         at = start
         for lo in range(0, len(values), step):
-            piece = np.ascontiguousarray(values[lo : lo + step])
-            if base:
-                piece = piece + base
-            view = piece.data.cast("B")
+            view = np.ascontiguousarray(values[lo : lo + step]).data.cast("B")
             done = 0
             while done < len(view):
                 done += os.pwrite(fd, view[done:], at + done)
@@ -442,7 +494,6 @@ def _write_at(path: Path, start: int, values: np.ndarray, base: int, chunk: int,
         os.fsync(fd)
     finally:
         os.close(fd)
-    return hasher.finish(size)
 
 
 def _error(result: dict[str, Any], shard: dict[str, Any], reader: RecordReader) -> SFTPackError:
