@@ -11,8 +11,9 @@ the tokenizer load are not counted; Ray's own start is printed apart). Every sto
 byte-identical to the local one. Also timed, for docs/ray.md: the driver's serial steps,
 the input fingerprint (a hash of every input byte), a full checksum pass over the store (what
 `verify` does), and the reduce: its wall time (Ray tasks copy the shards into the store) and
-the driver's serial part of it (shard manifests, prefix sums, preallocating the files, the
-chunks that straddle shards and the commit's checksums), per GB of store and per shard.
+the driver's serial part of it (prefix sums, the tasks' arguments, preallocating the files,
+taking the tasks' chunk digests and combining them into the commit's checksums), per GB of
+store and per shard.
 MB/s are 1e6 bytes of input a second.
 """
 
@@ -118,7 +119,8 @@ def main() -> None:
             setattr(owner, name, wrapper)
 
         timed(d, "_reduce", "reduce")  # all of it: the tasks' copies included
-        for owner, name in ((d, "read_manifest"), (d, "reduce_plan"), (sftpack.store.StoreWriter, "preallocate")):
+        driver_steps = ((d, "reduce_plan"), (d, "reduce_tasks"))
+        for owner, name in (*driver_steps, *((sftpack.store.StoreWriter, n) for n in ("preallocate", "add_digests"))):
             timed(owner, name, "serial")  # the driver's own steps (Ray workers are other processes)
         timed(sftpack.store, "checksum", "serial")  # the commit: chunk 0 and the straddling chunks
         rates = {}

@@ -50,7 +50,6 @@ from .store import (
     _remove_tree,
     clean_stale,
     open_store,
-    read_manifest,
     target_lock,
     token_dtype,
 )
@@ -178,7 +177,7 @@ def encode_on_ray(
             if shard["start"] + shard["length"] == shard["size"] and documents == 0:
                 path = reader.paths[shard["file"]]
                 raise InputError(path, None, "the file holds no documents (it is empty or blank)")
-        _reduce(ray, job, shards, writer)
+        _reduce(ray, job, shards, results, writer)
     finally:
         if started:
             ray.shutdown()
@@ -290,9 +289,19 @@ def run_shard(job: _Job, shard: dict[str, Any]) -> dict[str, Any]:
             where = str(exc)[: -len(exc.reason) - 2]  # "source[:unitLINE]"
             unit = "" if exc.line is None else where[len(exc.source) + 1 : -len(str(exc.line))]
             result.update(message=exc.reason, line=-1 if exc.line is None else exc.line, unit=unit)
-        return {**result, "documents": 0, "special_docs": 0}
-    counts = store.manifest["counts"]
-    return {**result, "documents": counts["documents"], "special_docs": counts["special_token_documents"]}
+        return {**result, "documents": 0, "special_docs": 0, "supervised": 0, **dict.fromkeys(_LENGTHS, -1)}
+    counts, files = store.manifest["counts"], store.manifest["files"]
+    lengths = {f"length_{k}": files[k]["length"] if k in files else -1 for k in ALL_ARRAYS}  # -1: none
+    return {
+        **result,
+        "documents": counts["documents"],
+        "special_docs": counts["special_token_documents"],
+        "supervised": counts["supervised_tokens"],
+        **lengths,
+    }
+
+
+_LENGTHS = [f"length_{k}" for k in ALL_ARRAYS]  # a shard's array lengths, for the reduce's prefix sums
 
 
 def _verified(path: Path, job: _Job, shard: dict[str, Any]) -> Store | None:
@@ -369,16 +378,17 @@ def reduce_plan(lengths: list[dict[str, int]]) -> tuple[list[dict[str, int]], di
 _TOKENS_OF = {"doc_offsets": "tokens", "first_offsets": "first_tokens"}  # the stream an offsets array indexes
 
 
-def _reduce(ray: Any, job: _Job, shards: list[dict[str, Any]], writer: StoreWriter) -> None:
-    """Assemble the store in `writer` from the shards. The driver reads the shards'
-    manifests, prefix-sums their lengths and preallocates the files; Ray tasks copy the
-    arrays and hash every chunk (a chunk by the task whose range holds its first byte,
-    reading the next shards' heads for a chunk that runs past its range): the driver reads
-    no array byte, and the commit only combines the digests."""
-    manifests = [read_manifest(_shard_path(job, shard)) for shard in shards]
-    lengths = [{k: e["length"] for k, e in m["files"].items()} for m in manifests]
+def _reduce(
+    ray: Any, job: _Job, shards: list[dict[str, Any]], results: list[dict[str, Any]], writer: StoreWriter
+) -> None:
+    """Assemble the store in `writer` from the shards. The driver prefix-sums the array
+    lengths the map tasks returned and preallocates the files; Ray tasks copy the arrays
+    and hash every chunk (a chunk by the task whose range holds its first byte, reading the
+    next shards' heads for a chunk that runs past its range): the driver reads no shard
+    file and no array byte, and the commit only combines the digests."""
+    lengths = [{k: int(r[f"length_{k}"]) for k in ALL_ARRAYS if r[f"length_{k}"] >= 0} for r in results]
     places, totals = reduce_plan(lengths)
-    sizes = writer.preallocate(totals, sum(m["counts"]["supervised_tokens"] for m in manifests))
+    sizes = writer.preallocate(totals, sum(int(r["supervised"]) for r in results))
     sources = [str(_shard_path(job, shard)) for shard in shards]
     items = reduce_tasks(places, sources, writer, sizes)
     task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(copy_shard)
