@@ -9,8 +9,12 @@ directory and builds it: locally (the tokenizer's threads on every core), then o
 Ray started with 1, then 2 CPUs; each after a warm-up build (imports, worker start-up and
 the tokenizer load are not counted; Ray's own start is printed apart). Every store is checked
 byte-identical to the local one. Also timed, for docs/ray.md: the driver's serial steps,
-the input fingerprint (a hash of every input byte), the reduce step (shards appended to the
-store) and the commit's checksums of the store files. MB/s are 1e6 bytes of input a second.
+the input fingerprint (a hash of every input byte), a full checksum pass over the store (what
+`verify` does), and the reduce: its wall time (Ray tasks copy the shards into the store) and
+the driver's serial part of it (prefix sums, the tasks' arguments, preallocating the files,
+taking the tasks' chunk digests and combining them into the commit's checksums), per GB of
+store and per shard.
+MB/s are 1e6 bytes of input a second.
 """
 
 from __future__ import annotations
@@ -68,9 +72,10 @@ def main() -> None:
     import ray
 
     import sftpack.distributed as d
+    import sftpack.store
     from sftpack.build import build
     from sftpack.config import BuildOptions
-    from sftpack.records import fingerprint_inputs
+    from sftpack.records import RecordReader, fingerprint_inputs
     from sftpack.store import ALL_ARRAYS, checksum
 
     tmp = Path(tempfile.mkdtemp(prefix="sftpack-bench-ray-"))
@@ -99,15 +104,25 @@ def main() -> None:
         ck_s = time.perf_counter() - t
 
         d.SHARD_BYTES = int(args.shard_mb * 1e6)
-        append = d._append
-        spent = [0.0]
+        spent = {"reduce": 0.0, "serial": 0.0}
 
-        def timed_append(*a):  # the driver's reduce step
-            t0 = time.perf_counter()
-            append(*a)
-            spent[0] += time.perf_counter() - t0
+        def timed(owner: object, name: str, key: str) -> None:
+            real = getattr(owner, name)
 
-        d._append = timed_append
+            def wrapper(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return real(*a, **k)
+                finally:
+                    spent[key] += time.perf_counter() - t0
+
+            setattr(owner, name, wrapper)
+
+        timed(d, "_reduce", "reduce")  # all of it: the tasks' copies included
+        driver_steps = ((d, "reduce_plan"), (d, "reduce_tasks"))
+        for owner, name in (*driver_steps, *((sftpack.store.StoreWriter, n) for n in ("preallocate", "add_digests"))):
+            timed(owner, name, "serial")  # the driver's own steps (Ray workers are other processes)
+        timed(sftpack.store, "checksum", "serial")  # the commit: chunk 0 and the straddling chunks
         rates = {}
         for cpus in (1, 2):
             t = time.perf_counter()
@@ -115,7 +130,7 @@ def main() -> None:
             init_s = time.perf_counter() - t
             try:
                 build(paths[0], tmp / "warm", BuildOptions(seq_length=2048, engine="ray"), progress=False, force=True)
-                spent[0] = 0.0
+                spent.update(reduce=0.0, serial=0.0)
                 t = time.perf_counter()
                 build(paths, tmp / f"ray{cpus}", BuildOptions(seq_length=2048, engine="ray"), progress=False)
                 ray_s = time.perf_counter() - t
@@ -125,8 +140,10 @@ def main() -> None:
             ok = "identical" if same(tmp / "local", tmp / f"ray{cpus}") else "DIFFERENT"
             print(
                 f"ray, {cpus} CPU{'s' if cpus > 1 else ' '}:         {rates[cpus]:7.2f} MB/s ({ray_s:.2f} s; ray.init "
-                f"{init_s:.1f} s apart; reduce step {spent[0]:.2f} s) store {ok}"
+                f"{init_s:.1f} s apart; reduce {spent['reduce']:.2f} s, of which driver {spent['serial']:.3f} s) "
+                f"store {ok}"
             )
+            serial = dict(spent)
         local_rate = total / local_s
         print(
             f"ratios: ray 1 CPU / local = {rates[1] / local_rate:.2f}, ray 2 CPUs / local = {rates[2] / local_rate:.2f}"
@@ -135,6 +152,12 @@ def main() -> None:
         print(
             f"driver serial steps: input fingerprint {total / fp_s:,.0f} MB/s of input; store checksums "
             f"{store_bytes / 1e6 / ck_s:,.0f} MB/s of store ({store_bytes / 1e6 / total:.2f} store MB per input MB)"
+        )
+        n_shards = len(d.plan_shards(RecordReader(paths)))
+        print(
+            f"reduce, driver's serial part (2 CPUs): {serial['serial'] / (store_bytes / 1e9):.3f} s per GB of store, "
+            f"{serial['serial'] / n_shards * 1e3:.2f} ms per shard ({n_shards} shards); the whole reduce "
+            f"{serial['reduce'] / (store_bytes / 1e9):.2f} s per GB"
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -233,7 +233,7 @@ def test_killed_driver_leaves_no_store_and_a_rerun_redoes_only_the_corrupted_sha
         raise _Killed()
 
     with monkeypatch.context() as m:
-        m.setattr(d, "_append", killed)  # the driver dies after every task finished
+        m.setattr(d, "_reduce", killed)  # the driver dies after every task finished
         with pytest.raises(_Killed):
             build(SAMPLE, out, options)
     assert not out.exists()
@@ -252,7 +252,7 @@ def test_killed_driver_leaves_no_store_and_a_rerun_redoes_only_the_corrupted_sha
     no_litter(tmp_path)
 
     with monkeypatch.context() as m:  # killed again: a local build of the target cleans the shards
-        m.setattr(d, "_append", killed)
+        m.setattr(d, "_reduce", killed)
         with pytest.raises(_Killed):
             build(SAMPLE, out, options, force=True)
     assert any(".tmp-shards-" in p.name for p in tmp_path.iterdir())
@@ -321,7 +321,7 @@ def test_a_cache_dir_build_reuses_its_shards_after_a_killed_driver(ray_local, sh
 
     options = BuildOptions(seq_length=64, engine="ray")
     with monkeypatch.context() as m:
-        m.setattr(d, "_append", lambda *a: (_ for _ in ()).throw(_Killed()))
+        m.setattr(d, "_reduce", lambda *a: (_ for _ in ()).throw(_Killed()))
         with pytest.raises(_Killed):
             build(SAMPLE, None, options, cache_dir=tmp_path)
     summary = build(SAMPLE, None, options, cache_dir=tmp_path)  # the cache's sweep keeps this build's shards
@@ -358,3 +358,50 @@ def test_a_users_directory_or_symlink_at_the_staging_name_is_never_written_or_de
     build(SAMPLE, tmp_path / "out", options, progress=False)
     assert {p.name: p.read_bytes() for p in user_store.iterdir()} == before
     same_store(tmp_path / "out", tmp_path / "a")
+
+
+@pytest.mark.parametrize("chunk", [64, 1000], ids=["several_chunks_per_shard", "chunks_across_shards"])
+def test_reduce_by_offsets_reads_no_array_byte_on_the_driver(ray_local, shards, tmp_path, monkeypatch, chunk):
+    """Tasks copy their shard's part of every array and hash the chunks that begin in it
+    (those running past it with the next shards' heads): the driver reads no array byte."""
+    import sftpack.store
+
+    monkeypatch.setattr(sftpack.store, "CHUNK", chunk)
+    options = BuildOptions(seq_length=64)
+    build(SAMPLE, tmp_path / "local", options, progress=False)
+    read: list[int] = []
+    real = sftpack.store._chunk_digest
+    monkeypatch.setattr(sftpack.store, "_chunk_digest", lambda b: read.append(len(b)) or real(b))
+    build(SAMPLE, tmp_path / "ray", BuildOptions(seq_length=64, engine="ray"), progress=False)
+    same_store(tmp_path / "local", tmp_path / "ray")
+    files = open_store(tmp_path / "ray", verify=True).manifest["files"]
+    assert all(e["xxh3_128_chunked"]["chunk"] == chunk for e in files.values())
+    chunks = sum(-(-e["bytes"] // chunk) for e in files.values())
+    assert len(read) == chunks  # open_store(verify=True) above: the build itself read none
+
+
+def test_a_driver_killed_during_the_reduce_leaves_nothing_that_opens_as_a_store(
+    ray_local, shards, tmp_path, monkeypatch
+):
+    """Killed (no cleanup, as by SIGKILL) after the tasks wrote into the preallocated store:
+    the temporary directory holds full-size arrays and no manifest; the next build removes it."""
+    from sftpack.errors import StoreError
+    from sftpack.store import StoreWriter
+
+    options = BuildOptions(seq_length=64, engine="ray")
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(StoreWriter, "add_digests", lambda *a: (_ for _ in ()).throw(_Killed()))
+        m.setattr(StoreWriter, "abort", lambda self: None)
+        with pytest.raises(_Killed):
+            build(SAMPLE, out, options)
+    assert not out.exists()
+    (tmp,) = [p for p in tmp_path.iterdir() if ".tmp-" in p.name and ".tmp-shards-" not in p.name]
+    assert (tmp / "tokens.npy").stat().st_size > 128
+    with pytest.raises(StoreError, match="missing"):
+        open_store(tmp)
+    build(SAMPLE, out, options)
+    assert all(r["reused"] for r in shards[-1])
+    build(SAMPLE, tmp_path / "local", BuildOptions(seq_length=64), progress=False)
+    same_store(tmp_path / "local", out)
+    no_litter(tmp_path)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import xxhash
 
 import sftpack.build
 import sftpack.store
@@ -27,7 +26,16 @@ from sftpack.build import BuildOptions, build
 from sftpack.cli import main
 from sftpack.config import make_options
 from sftpack.errors import StoreError
-from sftpack.store import MANIFEST, StoreWriter, _manifest_checksum, checksum, make_tmp, open_store, read_manifest
+from sftpack.store import (
+    MANIFEST,
+    StoreWriter,
+    _manifest_checksum,
+    checksum,
+    checksum_entry,
+    make_tmp,
+    open_store,
+    read_manifest,
+)
 from sftpack.tokenizers import load_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*special-token strings:UserWarning")
@@ -384,7 +392,7 @@ def _edit(store: Path, edit_manifest=None, **arrays: np.ndarray) -> None:
         name = manifest["files"][key]["path"]
         np.save(store / name, values)
         manifest["files"][key].update(length=len(values), dtype=values.dtype.name, bytes=(store / name).stat().st_size,
-                                      xxh3_128=checksum(store / name))
+                                      xxh3_128_chunked=checksum_entry(store / name))
     if edit_manifest is not None:
         edit_manifest(manifest)
     manifest["checksum"] = _manifest_checksum(manifest)
@@ -529,7 +537,7 @@ def test_fuzzed_manifests_and_offsets_give_store_errors_or_sound_rows(store):
             offsets[i] ^= xor
         (store / "doc_offsets.npy").write_bytes(bytes(offsets))
         m = json.loads(pristine[MANIFEST])
-        m["files"]["doc_offsets"]["xxh3_128"] = xxhash.xxh3_128_hexdigest(bytes(offsets))
+        m["files"]["doc_offsets"]["xxh3_128_chunked"]["digest"] = checksum(store / "doc_offsets.npy")
         for path, value in edits:
             node = m
             for key in path[:-1]:

@@ -85,7 +85,7 @@ def test_pristine_store_verifies(store, capsys):
     assert rc == 0, err
     s = verify_store(store)
     assert len(s.tokens) == s.manifest["counts"]["tokens"] == s.doc_offsets[-1]
-    assert s.manifest["format"] == "sftpack.packed" and s.manifest["version"] == 2
+    assert s.manifest["format"] == "sftpack.packed" and s.manifest["version"] == 3
 
 
 @pytest.mark.parametrize("name", list(ARRAYS.values()))
@@ -181,7 +181,7 @@ def test_missing_directory_is_a_store_error(tmp_path, capsys):
     assert rc == 1 and err
 
 
-@pytest.mark.parametrize("version", [1, 3, 0, "2", None])
+@pytest.mark.parametrize("version", [1, 2, 4, 0, "3", None])
 def test_unknown_manifest_version_is_refused(store, capsys, version):
     path = store / MANIFEST
     manifest = json.loads(path.read_text())

@@ -138,7 +138,7 @@ class PackedSFTDataset(Dataset):
 def _identity(store: Store) -> tuple[str, dict[str, str]]:
     """What a worker that reopens the store by path must find again: the same tokens (the
     recorded plan defaults may change; they are not what the dataset serves)."""
-    return store.fingerprint, {k: v["xxh3_128"] for k, v in store.manifest["files"].items()}
+    return store.fingerprint, {k: v["xxh3_128_chunked"]["digest"] for k, v in store.manifest["files"].items()}
 
 
 def open_packed(

@@ -8,8 +8,12 @@
    as a small store of its own (`StoreWriter`: tokens, mask, offsets, the first-in-stream
    arrays where the tokenizer needs them, checksums, and a manifest naming the build
    fingerprint and the shard's range) in a staging directory beside the target.
-3. Reduce (driver): the shards are appended in order to the target's `StoreWriter`, whose
-   running sum turns each shard's offsets into global ones; `build` commits the manifest.
+3. Reduce: the driver reads only the shards' manifests (array lengths), prefix-sums them
+   into each shard's place in the store, and preallocates the store's files at full size in
+   the target's temporary directory; Ray tasks (one per shard) copy their shard's arrays
+   there at their byte offsets (offsets made global) and return the digests of the
+   checksum chunks inside what they wrote; the driver hashes only the chunks that straddle
+   two shards and `build` commits. Tokens never pass through the driver.
 
 The staging directory `.NAME.tmp-shards-FINGERPRINT` is a temporary sibling of the target
 (`store.clean_stale` and `store.sweep` remove it like any other); only a Ray build of the
@@ -24,7 +28,6 @@ import functools
 import logging
 import os
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +39,15 @@ from .config import BuildOptions
 from .errors import ConfigError, InputError, SFTPackError, StoreError, TokenizerError
 from .records import InputFile, RecordReader, RemoteFile, _check_unchanged, _format_of, _open, _stamp_of
 from .store import (
+    ALL_ARRAYS,
+    ARRAYS,
     MANIFEST,
+    NPY_HEADER,
     TMP_MARK,
+    ChunkHasher,
     Store,
     StoreWriter,
+    _npy_header,
     _remove_tree,
     clean_stale,
     make_tmp,
@@ -54,7 +62,7 @@ from .tokenizers import Tokenizer, load_tokenizer
 
 SHARD_BYTES = 64 << 20  # input bytes a task reads: large enough that a task lasts seconds
 MAX_RETRIES = 3  # attempts Ray makes again for a task whose worker or node died
-APPEND_TOKENS = 1 << 24  # tokens the driver appends at a time (bounded memory in the reduce step)
+COPY_BYTES = 1 << 26  # bytes a reduce task copies at a time (bounded memory)
 
 
 def staging_dir(out: Path, fp: str) -> Path:
@@ -168,24 +176,22 @@ def encode_on_ray(
             raise ConfigError(f"cannot start or join Ray at {where or 'this machine'}: {exc}") from None
     try:
         results = _run(ray, job, shards, _progress_bar(reader.total_bytes, progress))
+        documents = 0  # of the current file
+        for shard, result in zip(shards, results):  # the first error in input order, as the local build meets it
+            if result["error"]:
+                raise _error(result, shard, reader)
+            documents = (documents if shard["start"] else 0) + result["documents"]
+            if shard["start"] + shard["length"] == shard["size"] and documents == 0:
+                path = reader.paths[shard["file"]]
+                raise InputError(path, None, "the file holds no documents (it is empty or blank)")
+        for path, stamp in zip(reader.paths, reader.stamps):  # still as fingerprinted, seen from here too
+            _check_unchanged(path, stamp, _stamp_of(path))
+        _reduce(ray, job, shards, results, writer)
     finally:
         if started:
             ray.shutdown()
-    documents = 0  # of the current file
-    for shard, result in zip(shards, results):  # the first error in input order, as the local build meets it
-        if result["error"]:
-            raise _error(result, shard, reader)
-        documents = (documents if shard["start"] else 0) + result["documents"]
-        if shard["start"] + shard["length"] == shard["size"] and documents == 0:
-            raise InputError(reader.paths[shard["file"]], None, "the file holds no documents (it is empty or blank)")
-    for path, stamp in zip(reader.paths, reader.stamps):  # still as fingerprinted, seen from here too
-        _check_unchanged(path, stamp, _stamp_of(path))
-    special_docs = 0
-    for shard, result in zip(shards, results):
-        _append(writer, open_store(_shard_path(job, shard)))
-        special_docs += result["special_docs"]
-    _remove_tree(Path(job.staging))  # every shard is in the writer; a leftover is cleaned by the next build
-    return special_docs
+    _remove_tree(Path(job.staging))  # every shard is in the store; a leftover is cleaned by the next build
+    return sum(result["special_docs"] for result in results)
 
 
 def _claim_staging(staging: Path) -> None:
@@ -205,19 +211,7 @@ def _claim_staging(staging: Path) -> None:
 def _run(ray: Any, job: _Job, shards: list[dict[str, Any]], bar: Any) -> list[dict[str, Any]]:
     """Run the shard tasks; results in shard order, up to (and including) the first shard
     that failed, so that the error reported is the one the local build would meet first."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # one bar, ours, in bytes of input
-    ctx.print_on_execution_start = False
-    ds = ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
-    task = functools.partial(run_shard, job)
-    with warnings.catch_warnings():
-        # Ray Data has no named parameter for it yet (2.60 deprecates the generic ones); without
-        # it, Ray Data's default retries a task of a lost worker without end
-        warnings.simplefilter("ignore")
-        try:
-            ds = ds.map(task, num_cpus=1, max_retries=MAX_RETRIES)
-        except TypeError:
-            ds = ds.map(task, num_cpus=1)
+    ds = _mapped(ray, shards, functools.partial(run_shard, job))
     done: dict[int, dict[str, Any]] = {}
     first_bad = len(shards)
     quiet = logging.getLogger("ray.data")
@@ -238,6 +232,22 @@ def _run(ray: Any, job: _Job, shards: list[dict[str, Any]], bar: Any) -> list[di
         if bar is not None:
             bar.close()
     return [done[i] for i in range(min(first_bad + 1, len(shards)))]
+
+
+def _mapped(ray: Any, items: list[dict[str, Any]], task: Any) -> Any:
+    """A Ray Data dataset of `task` over `items`, one block (one task) each, retried on a lost worker."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one bar, ours, in bytes of input
+    ctx.print_on_execution_start = False
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    with warnings.catch_warnings():
+        # Ray Data has no named parameter for it yet (2.60 deprecates the generic ones); without
+        # it, Ray Data's default retries a task of a lost worker without end
+        warnings.simplefilter("ignore")
+        try:
+            return ds.map(task, num_cpus=1, max_retries=MAX_RETRIES)
+        except TypeError:
+            return ds.map(task, num_cpus=1)
 
 
 def _first_kind(reader: RecordReader, schema: Schema) -> str:
@@ -302,9 +312,19 @@ def run_shard(job: _Job, shard: dict[str, Any]) -> dict[str, Any]:
             where = str(exc)[: -len(exc.reason) - 2]  # "source[:unitLINE]"
             unit = "" if exc.line is None else where[len(exc.source) + 1 : -len(str(exc.line))]
             result.update(message=exc.reason, line=-1 if exc.line is None else exc.line, unit=unit)
-        return {**result, "documents": 0, "special_docs": 0}
-    special = store.manifest["counts"]["special_token_documents"]
-    return {**result, "documents": len(store.doc_offsets) - 1, "special_docs": special}
+        return {**result, "documents": 0, "special_docs": 0, "supervised": 0, **dict.fromkeys(_LENGTHS, -1)}
+    counts, files = store.manifest["counts"], store.manifest["files"]
+    lengths = {f"length_{k}": files[k]["length"] if k in files else -1 for k in ALL_ARRAYS}  # -1: none
+    return {
+        **result,
+        "documents": counts["documents"],
+        "special_docs": counts["special_token_documents"],
+        "supervised": counts["supervised_tokens"],
+        **lengths,
+    }
+
+
+_LENGTHS = [f"length_{k}" for k in ALL_ARRAYS]  # a shard's array lengths, for the reduce's prefix sums
 
 
 def _verified(path: Path, job: _Job, shard: dict[str, Any]) -> Store | None:
@@ -356,27 +376,161 @@ def _write_shard(path: Path, job: _Job, shard: dict[str, Any]) -> Store:
     return open_store(path)
 
 
-def _append(writer: StoreWriter, shard: Store) -> None:
-    """Append a shard's documents to `writer`, `APPEND_TOKENS` at a time (memory-mapped)."""
-    for tokens, mask, offsets, append in (
-        (shard.tokens, shard.loss_mask, shard.doc_offsets, writer.append),
-        (shard.first_tokens, shard.first_mask, shard.first_offsets, writer.append_first),
-    ):
-        if tokens is None or mask is None or offsets is None:
-            continue
-        for lo, hi in _chunks(offsets):
-            a, b = int(offsets[lo]), int(offsets[hi])
-            append(tokens[a:b], mask[a:b], np.diff(offsets[lo : hi + 1]))
+def reduce_plan(lengths: list[dict[str, int]]) -> tuple[list[dict[str, int]], dict[str, int]]:
+    """Where each shard goes in the store, from the shards' array lengths alone (prefix sums).
+
+    Returns, per shard, the element index at which each of its arrays starts in the store's
+    array and the value added to its offsets (`base_KEY`; a shard's offsets drop their
+    leading 0, which the store has once), and the store's array lengths. Pure arithmetic:
+    O(shards) integers, whatever the size of the data."""
+    keys = [k for k in ALL_ARRAYS if any(k in shard for shard in lengths)] or list(ARRAYS)
+    totals = dict.fromkeys(keys, 0)  # documents for an offsets array, else elements
+    places = []
+    for shard in lengths:
+        # a shard without documents has no first-in-stream arrays: it adds nothing to them
+        shard = {**{k: int(k in _TOKENS_OF) for k in keys}, **shard}
+        place = {}
+        for key in keys:
+            if key in _TOKENS_OF:
+                place[f"at_{key}"] = totals[key] + 1
+                place[f"base_{key}"] = totals[_TOKENS_OF[key]]
+            else:
+                place[f"at_{key}"] = totals[key]
+        for key in keys:
+            totals[key] += shard[key] - (key in _TOKENS_OF)
+        places.append(place)
+    return places, {k: v + (k in _TOKENS_OF) for k, v in totals.items()}
 
 
-def _chunks(offsets: np.ndarray) -> Iterator[tuple[int, int]]:
-    """Document ranges [lo, hi) of at most `APPEND_TOKENS` tokens (or one longer document)."""
-    n, lo = len(offsets) - 1, 0
-    while lo < n:
-        hi = int(np.searchsorted(offsets, int(offsets[lo]) + APPEND_TOKENS, side="right")) - 1
-        hi = min(max(hi, lo + 1), n)
-        yield lo, hi
-        lo = hi
+_TOKENS_OF = {"doc_offsets": "tokens", "first_offsets": "first_tokens"}  # the stream an offsets array indexes
+
+
+def _reduce(
+    ray: Any, job: _Job, shards: list[dict[str, Any]], results: list[dict[str, Any]], writer: StoreWriter
+) -> None:
+    """Assemble the store in `writer` from the shards. The driver prefix-sums the array
+    lengths the map tasks returned and preallocates the files; Ray tasks copy the arrays
+    and hash every chunk (a chunk by the task whose range holds its first byte, reading the
+    next shards' heads for a chunk that runs past its range): the driver reads no shard
+    file and no array byte, and the commit only combines the digests."""
+    lengths = [{k: int(r[f"length_{k}"]) for k in ALL_ARRAYS if r[f"length_{k}"] >= 0} for r in results]
+    places, totals = reduce_plan(lengths)
+    sizes = writer.preallocate(totals, sum(int(r["supervised"]) for r in results))
+    sources = [str(_shard_path(job, shard)) for shard in shards]
+    items = reduce_tasks(places, sources, writer, sizes)
+    task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(copy_shard)
+    rows = ray.get([task.remote(item) for item in items])
+    for row in rows:
+        if row["error"]:
+            raise StoreError(f"a Ray task could not write the store in {writer.tmp}: {row['error']}")
+        for key in totals:
+            writer.add_digests(key, *row["digests"][key])
+
+
+def reduce_tasks(
+    places: list[dict[str, int]], sources: list[str], writer: StoreWriter, sizes: dict[str, int]
+) -> list[dict[str, Any]]:
+    """What each reduce task gets: its shard and place, the preallocated store, and the next
+    shards whose heads complete the chunk its range ends inside (when that chunk is its own:
+    chunk k is hashed by the task whose range holds byte k * chunk; the first task also
+    hashes the chunks of the header)."""
+    chunk = writer.chunk
+    bounds = {}  # per array: the byte range each shard writes (contiguous, in shard order)
+    for key in sizes:
+        width = writer.array_dtype(key).itemsize
+        starts = [NPY_HEADER + place[f"at_{key}"] * width for place in places]
+        bounds[key] = list(zip(starts, [*starts[1:], sizes[key]]))
+    items: list[dict[str, Any]] = []
+    for i, place in enumerate(places):
+        last = i
+        for ranges in bounds.values():
+            start, end = ranges[i]
+            if end % chunk and (i == 0 or end // chunk * chunk >= start):
+                while last + 1 < len(places) and ranges[last + 1][0] < (end // chunk + 1) * chunk:
+                    last += 1
+        items.append(
+            {
+                **place,
+                "index": i,
+                "source": sources[i],
+                "target": str(writer.tmp),
+                "chunk": chunk,
+                "sizes": sizes,
+                "dtype": writer.dtype.str,
+                "follow": [{**places[j], "source": sources[j]} for j in range(i + 1, last + 1)],
+            }
+        )
+    return items
+
+
+def copy_shard(item: dict[str, Any]) -> dict[str, Any]:
+    """One reduce task: write a shard's arrays into the preallocated store at their places
+    (offsets made global), fsync, and return the digests of the chunks that begin inside
+    what it wrote (the first shard's also those of the header)."""
+    out: dict[str, Any] = {"index": item["index"], "error": "", "digests": {}}
+    try:
+        shard = open_store(item["source"])
+        following = [(open_store(f["source"]), f) for f in item["follow"]]
+        for key, size in item["sizes"].items():
+            values = _values(shard, key, item, np.dtype(item["dtype"]))
+            start = NPY_HEADER + item[f"at_{key}"] * values.dtype.itemsize
+            hasher = ChunkHasher(0 if item["index"] == 0 else start, item["chunk"])
+            if item["index"] == 0:  # the header (and the offsets' leading 0) the driver wrote
+                total = (size - NPY_HEADER) // values.dtype.itemsize
+                hasher.update(_npy_header(values.dtype, total) + bytes(start - NPY_HEADER))
+            _write_at(Path(item["target"]) / ALL_ARRAYS[key], start, values, hasher)
+            for store, place in following:  # their heads, up to the end of the chunk this range ends in
+                need = -hasher.pos % item["chunk"]
+                if need == 0 or hasher.pos >= size:
+                    break
+                head = _values(store, key, place, values.dtype)[: -(-need // values.dtype.itemsize)]
+                hasher.update(memoryview(np.ascontiguousarray(head).data).cast("B")[:need])
+            out["digests"][key] = hasher.finish(size)
+    except (OSError, SFTPackError) as exc:
+        out["error"] = str(exc)
+    return out
+
+
+def _values(shard: Store, key: str, place: dict[str, Any], tokens: np.dtype) -> np.ndarray:
+    """What a shard contributes to array `key`: its values, offsets made global (lazily:
+    a memory map, shifted piece by piece by `_write_at`); nothing for missing arrays."""
+    values = getattr(shard, key)
+    if values is None:  # a shard without documents has no first-in-stream arrays
+        return np.zeros(0, tokens if key.endswith("tokens") else np.int64 if key in _TOKENS_OF else np.uint8)
+    if key in _TOKENS_OF:
+        return _Shifted(values[1:], place[f"base_{key}"])  # type: ignore[return-value]
+    return values
+
+
+class _Shifted:
+    """Offsets seen with a base added, sliced without reading (a view over the memory map)."""
+
+    def __init__(self, values: np.ndarray, base: int) -> None:
+        self.values, self.base, self.dtype = values, base, values.dtype
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        return np.asarray(self.values[sl]) + self.base
+
+
+def _write_at(path: Path, start: int, values: np.ndarray, hasher: ChunkHasher) -> None:
+    """Write `values` into the file at byte `start`, in pieces, each also fed to `hasher`."""
+    step = max(1, COPY_BYTES // values.dtype.itemsize)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        at = start
+        for lo in range(0, len(values), step):
+            view = np.ascontiguousarray(values[lo : lo + step]).data.cast("B")
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], at + done)
+            hasher.update(view)
+            at += len(view)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _error(result: dict[str, Any], shard: dict[str, Any], reader: RecordReader) -> SFTPackError:

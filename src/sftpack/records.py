@@ -28,6 +28,7 @@ import msgspec
 import xxhash
 
 from .errors import ConfigError, InputError
+from .store import ChunkHasher
 
 PathLike = Union[str, os.PathLike]  # noqa: UP007  (a runtime alias: `|` needs 3.10 objects)
 Inputs = Union[PathLike, Sequence[PathLike]]  # noqa: UP007
@@ -285,10 +286,17 @@ def _format_of(path: InputFile, strict: bool = True) -> str | None:
 Stamp = tuple[int, int, int, int, int]
 
 
+INPUT_CHUNK = 8 << 20  # bytes per hashed chunk of an input file (a task's range is a multiple of it)
+
+
 def fingerprint_inputs(paths: Sequence[InputFile], stamps: Sequence[Stamp] | None = None) -> str:
     """A hash of the input files' bytes and formats, in order (not their names or mtimes).
     `stamps` (a `RecordReader`'s): the files must still be as the reader found them, so the
-    hash describes exactly what the reader reads."""
+    hash describes exactly what the reader reads.
+
+    Per file: its format, its size and the chunked `xxh3_128` of its bytes (as the store's
+    checksums, over `INPUT_CHUNK`-byte chunks), so that workers may hash aligned ranges of
+    one big file apart and one process combine them into the same value."""
     h = xxhash.xxh3_128()
     for i, path in enumerate(paths):
         h.update(f"{_format_of(path)}\0".encode())
@@ -297,9 +305,10 @@ def fingerprint_inputs(paths: Sequence[InputFile], stamps: Sequence[Stamp] | Non
             if stamps is not None:
                 _check_unchanged(path, stamps[i], before)
             size = 0
+            chunks = ChunkHasher(0, INPUT_CHUNK)
             try:
                 while chunk := f.read(1 << 22):
-                    h.update(chunk)
+                    chunks.update(chunk)
                     size += len(chunk)
             except OSError as exc:
                 raise InputError(path, None, f"cannot read the file: {exc.strerror or exc}") from None
@@ -307,6 +316,7 @@ def fingerprint_inputs(paths: Sequence[InputFile], stamps: Sequence[Stamp] | Non
                 path, before, path.stamp() if isinstance(path, RemoteFile) else _stamp(os.fstat(f.fileno())), size
             )
         h.update(f"\0{size}\0".encode())
+        h.update(xxhash.xxh3_128_digest(chunks.finish(size)[1]))
     return h.hexdigest()
 
 

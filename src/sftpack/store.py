@@ -1,4 +1,4 @@
-"""The on-disk packed store (format `sftpack.packed`, version 1).
+"""The on-disk packed store (format `sftpack.packed`, version 3).
 
 A store directory holds flat `.npy` arrays and a JSON manifest:
 
@@ -10,6 +10,12 @@ The writer builds in a temporary sibling directory, fsyncs, writes the manifest 
 renames the directory into place, so a target that holds `manifest.json` is complete.
 Readers memory-map the arrays (no pickle anywhere) and check sizes; `verify` checks every
 checksum. The writer and the readers share nothing but this format.
+
+A file's checksum (version 3) is `xxh3_128` over the concatenated 16-byte `xxh3_128`
+digests of its `chunk`-byte chunks (the last one shorter): the writer hashes each chunk as
+it appends it (no re-read at commit), and a distributed build's tasks hash the chunks
+inside the byte ranges they write while the driver hashes only the chunks that straddle
+two ranges (`ChunkHasher`, `checksum(path, known=...)`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,10 @@ import xxhash
 from .errors import StoreError
 
 FORMAT = "sftpack.packed"
-VERSION = 2
+VERSION = 3  # 3: chunked file checksums (`xxh3_128_chunked`); 2 hashed each file in one sequence
+CHUNK = 1 << 20  # bytes per checksum chunk; recorded per file, so a reader takes it from the manifest
+MAX_CHUNK = 1 << 30
+DIGEST = 16  # bytes of one chunk's xxh3_128 digest
 MANIFEST = "manifest.json"
 TMP_MARK = ".sftpack-tmp"  # inside every temporary directory sftpack makes: only those are cleaned
 _MARK_TEXT = b"a temporary directory of an sftpack build: removed by the next build\n"
@@ -63,39 +72,113 @@ def _npy_header(dtype: np.dtype, length: int) -> bytes:
     return b"\x93NUMPY\x01\x00" + (NPY_HEADER - 10).to_bytes(2, "little") + body.encode() + b" " * pad + b"\n"
 
 
-class _Appender:
-    """An .npy file written in pieces: header reserved first, patched on close."""
+class ChunkHasher:
+    """The digests of a file's `chunk`-byte chunks that lie wholly inside the byte range
+    written through `update`, which starts at `start` and goes on in order.
 
-    def __init__(self, path: Path, dtype: np.dtype) -> None:
+    Chunk k covers bytes [k * chunk, (k + 1) * chunk) of the file; the last chunk ends at
+    the file's end. `finish(size)` returns `(first, run)`: the digests of chunks
+    first, first + 1, ... concatenated (`DIGEST` bytes each; `run` is empty when no chunk
+    lies inside the range). A chunk that begins before `start` is left to whoever knows its
+    head (`checksum` reads it)."""
+
+    def __init__(self, start: int, chunk: int) -> None:
+        if chunk < 1:
+            raise StoreError(f"checksum chunk must be positive, got {chunk}")
+        self.chunk, self.pos = chunk, start
+        self.first = -(-start // chunk)  # the first chunk that begins inside the range
+        self._run = bytearray()
+        self._h = xxhash.xxh3_128()
+        self._inside = start % chunk == 0
+
+    def update(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            piece = view[: self.chunk - self.pos % self.chunk]
+            if self._inside:
+                self._h.update(piece)
+            self.pos += len(piece)
+            view = view[len(piece) :]
+            if self.pos % self.chunk == 0:
+                if self._inside:
+                    self._run += self._h.digest()
+                    self._h.reset()
+                self._inside = True
+
+    def finish(self, size: int) -> tuple[int, bytes]:
+        """The run of digests, the last (short) chunk included when the range ends at `size`."""
+        if self._inside and self.pos == size and self.pos % self.chunk:
+            self._run += self._h.digest()
+        return self.first, bytes(self._run)
+
+
+class _Appender:
+    """An .npy file written in pieces: header reserved first, patched on close. Chunk
+    digests are computed as the data goes by (all but chunk 0, which holds the header)."""
+
+    def __init__(self, path: Path, dtype: np.dtype, chunk: int) -> None:
         self.path, self.dtype, self.length = path, np.dtype(dtype), 0
+        self._hash = ChunkHasher(NPY_HEADER, chunk)
+        self.digests: dict[int, bytes] = {}
         self._f = open(path, "wb")
         self._f.write(b"\0" * NPY_HEADER)
 
     def append(self, values: np.ndarray) -> None:
-        self._f.write(np.ascontiguousarray(values, dtype=self.dtype).data)
+        data = np.ascontiguousarray(values, dtype=self.dtype)
+        self._f.write(data.data)
+        self._hash.update(data)
         self.length += len(values)
 
-    def close(self, length: int | None = None) -> None:
-        if length is not None:
-            self.length = length
-            self._f.truncate(NPY_HEADER + length * self.dtype.itemsize)
+    def close(self) -> None:
         self._f.seek(0)
         self._f.write(_npy_header(self.dtype, self.length))
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        first, run = self._hash.finish(NPY_HEADER + self.length * self.dtype.itemsize)
+        self.digests = {first: run} if run else {}
 
     def discard(self) -> None:
         if not self._f.closed:
             self._f.close()
 
 
-def checksum(path: Path) -> str:
+def checksum(path: Path, known: dict[int, bytes] | None = None, chunk: int | None = None) -> str:
+    """The file's chunked checksum: xxh3_128 over the xxh3_128 digests of its chunks.
+    `known`: runs of digests already computed (first chunk index -> concatenated digests,
+    as `ChunkHasher.finish` gives them); every other chunk is read and hashed here."""
+    chunk = chunk or CHUNK
+    known = known or {}
+    size = os.stat(path).st_size
+    n = -(-size // chunk)
     h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
+    buf = bytearray(min(chunk, max(size, 1)))
+    with open(path, "rb", buffering=0) as f:
+        k = 0
+        while k < n:
+            run = known.get(k)
+            if run:
+                run = run[: (n - k) * DIGEST]
+                h.update(run)
+                k += len(run) // DIGEST
+                continue
+            f.seek(k * chunk)
+            got = 0
+            while got < len(buf) and (step := f.readinto(memoryview(buf)[got:])):
+                got += step
+            h.update(_chunk_digest(memoryview(buf)[:got]))
+            k += 1
     return h.hexdigest()
+
+
+def _chunk_digest(data: Any) -> bytes:
+    return xxhash.xxh3_128_digest(data)
+
+
+def checksum_entry(path: Path, known: dict[int, bytes] | None = None, chunk: int | None = None) -> dict[str, Any]:
+    """What a manifest's file entry records under `xxh3_128_chunked`."""
+    chunk = chunk or CHUNK
+    return {"chunk": chunk, "digest": checksum(path, known, chunk)}
 
 
 @contextlib.contextmanager
@@ -257,7 +340,7 @@ def owned_store(path: Path) -> bool:
     file named as one of the store's files. Only such a directory (or an empty one) may be
     replaced."""
     try:
-        read_manifest(path)
+        read_manifest(path, any_version=True)  # a store of an older format is still ours to replace
     except StoreError:
         return False
     own = {MANIFEST, MANIFEST + ".part", *ALL_ARRAYS.values()}
@@ -317,8 +400,10 @@ class StoreWriter:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.dtype = np.dtype(dtype)
+        self.chunk = CHUNK  # checksum chunk of this store's files
         self._done = False
-        self._appenders: list[_Appender] = []
+        self._appenders: dict[str, _Appender] = {}
+        self._known: dict[str, dict[int, bytes]] | None = None  # preallocated: digests from elsewhere
         try:
             make_tmp(self.tmp)  # inside: a Ctrl-C handled as mkdir returns must remove it too
             self._start_arrays()
@@ -327,19 +412,56 @@ class StoreWriter:
             raise
 
     def _start_arrays(self) -> None:
-        self._tokens, self._mask, self._offsets = self._arrays(ARRAYS, self.dtype)
+        self._tokens, self._mask, self._offsets = self._arrays(ARRAYS)
         self.n_tokens = 0
         self.n_docs = 0
         self.n_supervised = 0  # mask 1s, counted as they are written: no pass over the file after
         self._first: tuple[_Appender, _Appender, _Appender] | None = None
         self._first_tokens = 0
 
-    def _arrays(self, names: dict[str, str], dtype: np.dtype) -> tuple[_Appender, _Appender, _Appender]:
-        dtypes: tuple[np.dtype, ...] = (dtype, np.dtype(np.uint8), np.dtype(np.int64))
-        tokens, mask, offsets = (_Appender(self.tmp / name, dt) for name, dt in zip(names.values(), dtypes))
-        self._appenders += [tokens, mask, offsets]
+    def array_dtype(self, key: str) -> np.dtype:
+        """The dtype of array `key` (an `ALL_ARRAYS` key) in this store."""
+        return self.dtype if key.endswith("tokens") else np.dtype(np.int64 if key.endswith("offsets") else np.uint8)
+
+    def _arrays(self, names: dict[str, str]) -> tuple[_Appender, _Appender, _Appender]:
+        tokens, mask, offsets = (_Appender(self.tmp / n, self.array_dtype(k), self.chunk) for k, n in names.items())
+        self._appenders.update(zip(names, (tokens, mask, offsets)))
         offsets.append(np.zeros(1, dtype=np.int64))
         return tokens, mask, offsets
+
+    def preallocate(self, lengths: dict[str, int], n_supervised: int) -> dict[str, int]:
+        """Size every array at once, for writers in other processes (a distributed build's
+        reduce): each file gets its final header and size (sparse; document offsets start
+        with their 0) and nothing is appended here. The writers fill the data at their byte
+        offsets and hand their chunk digests back through `add_digests`. `lengths` holds the
+        length of every array of the store (`ARRAYS`, or `ALL_ARRAYS`); returns file sizes."""
+        if set(lengths) not in (set(ARRAYS), set(ALL_ARRAYS)):
+            raise StoreError(f"preallocate needs the length of every array, got {sorted(lengths)}")
+        for appender in self._appenders.values():
+            appender.discard()
+        self._appenders = {}
+        self._known = {key: {} for key in lengths}
+        sizes = {}
+        for key, length in lengths.items():
+            dtype = self.array_dtype(key)
+            sizes[key] = NPY_HEADER + length * dtype.itemsize
+            with open(self.tmp / ALL_ARRAYS[key], "wb") as f:
+                f.write(_npy_header(dtype, length))
+                if key.endswith("offsets"):
+                    f.write(np.zeros(1, np.int64).tobytes())
+                f.truncate(sizes[key])
+                f.flush()
+                os.fsync(f.fileno())
+        self.n_tokens, self.n_docs, self.n_supervised = lengths["tokens"], lengths["doc_offsets"] - 1, n_supervised
+        self._first_tokens = lengths.get("first_tokens", 0)
+        return sizes
+
+    def add_digests(self, key: str, first: int, run: bytes) -> None:
+        """Digests of consecutive chunks of preallocated array `key`, computed by its writers."""
+        if self._known is None:
+            raise StoreError("add_digests is for a preallocated store")
+        if run:
+            self._known[key][first] = run
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -363,7 +485,7 @@ class StoreWriter:
     def append_first(self, tokens: np.ndarray, mask: np.ndarray, unit_lengths: np.ndarray) -> None:
         """Append the first-in-stream variant of the same units (`FIRST_ARRAYS`)."""
         if self._first is None:
-            self._first = self._arrays(FIRST_ARRAYS, self.dtype)
+            self._first = self._arrays(FIRST_ARRAYS)
         t, m, o = self._first
         t.append(tokens)
         m.append(mask)
@@ -374,18 +496,20 @@ class StoreWriter:
         """Finish the arrays, write the manifest last and move the store into place.
         `check(tmp)` runs on the finished store before it is published; raising aborts."""
         files = {}
-        for appender in self._appenders:
+        for appender in self._appenders.values():
             appender.close()
-        names = ALL_ARRAYS if self._first is not None else ARRAYS
-        for key, name in names.items():
-            path = self.tmp / name
+        known = self._known if self._known is not None else {k: a.digests for k, a in self._appenders.items()}
+        for key in ALL_ARRAYS:
+            if key not in known:
+                continue
+            path = self.tmp / ALL_ARRAYS[key]
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
             files[key] = {
-                "path": name,
+                "path": ALL_ARRAYS[key],
                 "dtype": arr.dtype.name,
                 "length": int(arr.shape[0]),
                 "bytes": path.stat().st_size,
-                "xxh3_128": checksum(path),
+                "xxh3_128_chunked": checksum_entry(path, known[key], self.chunk),
             }
             del arr
         counts = {**manifest.get("counts", {}), "documents": self.n_docs, "tokens": self.n_tokens}
@@ -418,7 +542,7 @@ class StoreWriter:
         """Remove the temporary directory. Never raises: on a full disk closing a file fails
         again, and that must not keep the disk full. Returns the first error met."""
         first: OSError | None = None
-        for appender in self._appenders:
+        for appender in self._appenders.values():
             try:
                 appender.discard()
             except OSError as exc:
@@ -504,12 +628,16 @@ def _shape_error(manifest: dict[str, Any]) -> str | None:
             return f"file entry {key!r} must be the plain name {ALL_ARRAYS[key]!r}"
         if entry.get("dtype") not in _ARRAY_DTYPES[key]:
             return f"{key} dtype {entry.get('dtype')!r} is not one of {_ARRAY_DTYPES[key]}"
+        hashed = entry.get("xxh3_128_chunked")
         if (
             not count(entry.get("length"))
             or not count(entry.get("bytes"))
-            or not isinstance(entry.get("xxh3_128"), str)
+            or not isinstance(hashed, dict)
+            or not isinstance(hashed.get("digest"), str)
+            or not count(hashed.get("chunk"), 1)
+            or hashed["chunk"] > MAX_CHUNK
         ):
-            return f"file entry {key!r} lacks a length, size or checksum"
+            return f"file entry {key!r} lacks a length, size or chunked checksum (chunk of 1 B to 1 GiB)"
     if any(files[k]["dtype"] != token_dtype(tok["vocab_size"]).name for k in ("tokens", "first_tokens") if k in files):
         return "the token dtype does not match the vocabulary size"
     if counts["documents"] != files["doc_offsets"]["length"] - 1 or counts["tokens"] != files["tokens"]["length"]:
@@ -519,8 +647,9 @@ def _shape_error(manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a complete store, checked: format, version, checksum and shape."""
+def read_manifest(path: str | os.PathLike, *, any_version: bool = False) -> dict[str, Any]:
+    """The manifest of a complete store, checked: format, version, checksum and shape.
+    `any_version`: only the format and the checksum (is it a store sftpack wrote at all?)."""
     root = Path(path)
     file = root / MANIFEST
     if file.is_symlink() or not file.is_file():
@@ -534,6 +663,10 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise StoreError(f"{file}: not an sftpack store manifest (format {found!r})")
+    if any_version:
+        if manifest.get("checksum") != _manifest_checksum(manifest):
+            raise StoreError(f"{file}: checksum mismatch (the manifest is corrupt or was edited)")
+        return manifest
     if manifest.get("version") != VERSION:
         raise StoreError(
             f"{file}: store format version {manifest.get('version')!r} is not supported "
@@ -600,7 +733,8 @@ def _open_once(root: Path, verify: bool) -> Store:
         size = file.stat().st_size
         if size != entry["bytes"]:
             raise StoreError(f"{file}: {size} bytes, the manifest says {entry['bytes']} (truncated or altered)")
-        if verify and checksum(file) != entry["xxh3_128"]:
+        hashed = entry["xxh3_128_chunked"]
+        if verify and checksum(file, chunk=hashed["chunk"]) != hashed["digest"]:
             raise StoreError(f"{file}: checksum mismatch (the file is corrupt)")
         try:
             arr = np.load(file, mmap_mode="r", allow_pickle=False)
@@ -627,6 +761,11 @@ def _open_once(root: Path, verify: bool) -> Store:
                 raise StoreError(
                     f"{root / ALL_ARRAYS[tokens_key]}: holds a token id outside the vocabulary (size {vocab})"
                 )
+    if verify:
+        mask = arrays["loss_mask"]
+        ones = sum(int(np.count_nonzero(mask[lo : lo + (1 << 24)])) for lo in range(0, len(mask), 1 << 24))
+        if ones != manifest["counts"]["supervised_tokens"]:
+            raise StoreError(f"{root}: counts.supervised_tokens is not the loss mask's count of trained tokens")
     return Store(root, manifest, **arrays)
 
 
