@@ -391,10 +391,10 @@ def _mask(
 
 
 def _utf8_offsets(text: str, positions: np.ndarray) -> np.ndarray:
-    """UTF-8 byte offset of each character position of `text` (vectorised over the text)."""
+    """UTF-8 byte offset of each character position of `text` (vectorised over the text):
+    the bytes that start a character (all but the continuation bytes 0x80-0xBF), indexed."""
     if text.isascii():
         return positions
-    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    cumulative = np.zeros(len(points) + 1, dtype=np.int64)
-    np.cumsum(1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000), out=cumulative[1:])
-    return cumulative[positions]
+    encoded = np.frombuffer(text.encode("utf-8"), dtype=np.int8)
+    starts = np.flatnonzero(encoded >= -64)  # as int8, continuation bytes are -128..-65
+    return np.append(starts, len(encoded))[positions]
