@@ -160,3 +160,38 @@ def test_fast_and_general_path_build_byte_identical_stores(tmp_path, monkeypatch
         assert len(stores[True, train_on_prompt]) >= 3  # tokens, masks, offsets compared
     masks = np.load(Path(ds.path) / "loss_mask.npy")
     assert 0 < masks.sum() < len(masks)  # the masked build trains some tokens and not others
+
+
+class _PerDocument:
+    """A tokenizer whose special tokens include one holding NUL: the per-document split route."""
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+        self.special_tokens = {**tok.special_tokens, "\0never": 0}
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+@pytest.mark.parametrize("train_on_prompt", [True, False])
+def test_one_split_for_the_batch_equals_one_per_document(train_on_prompt):
+    from sftpack.tokenize import encode_documents
+    from sftpack.tokenizers import load_tokenizer
+
+    tok = load_tokenizer("llama3")
+    template = make_template(
+        "chat", chat_template=tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token,
+        special_tokens=list(tok.special_tokens),
+    )
+    docs = []
+    for row in corpus(400, seed=2):
+        try:
+            docs.append(template.render(row["messages"]))
+        except ConfigError:
+            pass
+    assert any("<|eot_id|>" in doc.text[s:e] for doc in docs for s, e in doc.content)  # injections too
+    batched = encode_documents(tok, docs, train_on_prompt=train_on_prompt)
+    alone = encode_documents(_PerDocument(tok), docs, train_on_prompt=train_on_prompt)
+    assert batched.special_docs == alone.special_docs > 0
+    for field in ("tokens", "mask", "unit_lengths"):
+        assert np.array_equal(getattr(batched, field), getattr(alone, field))

@@ -19,6 +19,8 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
+from itertools import accumulate
+from operator import add
 from typing import Any
 
 import xxhash
@@ -249,6 +251,9 @@ def _messages(record: Record, key: str, role_key: str, text_key: str) -> list[Me
     for i, item in enumerate(_items(record, key)):
         if not isinstance(item, dict):
             raise record.error(f"{key}[{i}] must be an object, got {_type(item)} (message {i + 1})")
+        if len(item) == 2 and role_key != text_key and type(item.get(text_key)) is str and item.get(role_key) in ROLES:
+            messages.append({"role": item[role_key], "content": item[text_key]})  # the common case, as below
+            continue
         # as transformers normalizes: keys holding None are dropped (OpenAI writes content=None)
         message = {k: v for k, v in item.items() if v is not None and k not in (role_key, text_key)}
         role = item.get(role_key)
@@ -703,10 +708,13 @@ class _Filled:
     """A skeleton for the fast path: its literal pieces, the runs between them, and each
     `{% generation %}` span's ends as (literal index, offset in it)."""
 
-    __slots__ = ("literals", "ids", "spans")
+    __slots__ = ("literals", "ids", "spans", "before", "owners")
 
     def __init__(self, skeleton: str, spans: list[Span]) -> None:
         self.literals, self.ids = _split_skeleton(skeleton)
+        # the literal text before run k: literals 0..k
+        self.before = list(accumulate(map(len, self.literals[: len(self.ids)])))
+        self.owners: tuple[list[int], list[bool]] | None = None  # each run's message and whether reasoning
         bounds = []  # (start, end) of each literal in the skeleton
         pos = 0
         for k, literal in enumerate(self.literals):
@@ -954,24 +962,21 @@ class ChatTemplate:
         if entry is None:
             return None
         items = runs.items
-        if entry.ids and max(entry.ids) >= len(items):
-            return None
+        if entry.owners is None:  # the runs' messages: a function of the shape (the key) too
+            if entry.ids and max(entry.ids) >= len(items):
+                return None
+            entry.owners = ([items[r][0] for r in entry.ids], [items[r][1] for r in entry.ids])
         values = [items[r][2] for r in entry.ids]
-        pieces = [entry.literals[0]]
-        starts = []
-        pos = len(entry.literals[0])
-        for value, literal in zip(values, entry.literals[1:]):
-            starts.append(pos)
-            pos += len(value) + len(literal)
-            pieces.append(value)
-            pieces.append(literal)
-        occurrences = [
-            (start, start + len(value), items[r][0], items[r][1]) for start, value, r in zip(starts, values, entry.ids)
-        ]
+        lengths = list(map(len, values))
+        starts = list(map(add, entry.before, accumulate(lengths, initial=0)))
+        ends = list(map(add, starts, lengths))
+        pieces: list[str] = [""] * (2 * len(values) + 1)
+        pieces[0::2] = entry.literals
+        pieces[1::2] = values
+        occurrences = list(zip(starts, ends, *entry.owners))
         generated = []
         if entry.spans:
-            # literal k starts after the literals and runs before it
-            literal_at = [0] + [s + len(v) for s, v in zip(starts, values)]
+            literal_at = [0, *ends]  # where literal k starts: after run k - 1
             generated = [(literal_at[a] + da, literal_at[b] + db) for (a, da), (b, db) in entry.spans]
         return "".join(pieces), generated, occurrences
 
