@@ -103,7 +103,7 @@ VERBATIM = [(TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
 @pytest.mark.parametrize("options", [{}, {"last_turn_only": True}, {"reasoning": "mask"}, {"reasoning": "rendered"}])
 def test_fast_path_renders_what_every_record_rendered_gives(source, options):
     fast, slow = pair(source, **options)
-    assert fast._verbatim
+    assert fast.fast_path
     rows = corpus(150)
     assert rendered(fast, rows) == rendered(slow, rows)
     assert fast._filled and not slow._filled  # the fast path was taken, and only there
@@ -112,7 +112,7 @@ def test_fast_path_renders_what_every_record_rendered_gives(source, options):
 @pytest.mark.parametrize("source", LOOKING)
 def test_templates_that_look_at_the_text_are_not_fast_pathed(source):
     fast, _ = pair(source)
-    assert not fast._verbatim
+    assert not fast.fast_path
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " yes "}]
     try:
         doc = fast.render(chat)
@@ -126,7 +126,7 @@ def test_a_template_that_transforms_the_text_is_still_correct():
         "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}{% generation %}{{ m.content | upper }}"
         "{% endgeneration %}{% else %}{{ m.content | upper }}{% endif %}</s>{% endfor %}"
     )
-    assert not fast._verbatim
+    assert not fast.fast_path
     doc = fast.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}])
     assert doc.text == "<user>HI</s><assistant>YES</s>"
     assert [doc.text[a:b] for a, b in doc.trained] == ["YES"]

@@ -810,6 +810,12 @@ class ChatTemplate:
         )
         self._filled: dict[Any, _Filled | None] = {}
 
+    @property
+    def fast_path(self) -> bool:
+        """Whether plain conversations are rendered from a skeleton per conversation shape
+        (the template was proven to output message text only verbatim or trimmed)."""
+        return self._verbatim
+
     def fingerprint(self) -> str:
         return f"chat2:{xxhash.xxh3_64_hexdigest(self.source.encode())}:{self.last_turn_only}:{self.reasoning}"
 
