@@ -19,12 +19,15 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
+from itertools import accumulate
+from operator import add
 from typing import Any
 
 import xxhash
 
 from .errors import ConfigError
 from .records import Record
+from .verbatim import content_is_verbatim
 
 Turns = list[tuple[str, str]]
 Span = tuple[int, int]
@@ -248,6 +251,9 @@ def _messages(record: Record, key: str, role_key: str, text_key: str) -> list[Me
     for i, item in enumerate(_items(record, key)):
         if not isinstance(item, dict):
             raise record.error(f"{key}[{i}] must be an object, got {_type(item)} (message {i + 1})")
+        if len(item) == 2 and role_key != text_key and type(item.get(text_key)) is str and item.get(role_key) in ROLES:
+            messages.append({"role": item[role_key], "content": item[text_key]})  # the common case, as below
+            continue
         # as transformers normalizes: keys holding None are dropped (OpenAI writes content=None)
         message = {k: v for k, v in item.items() if v is not None and k not in (role_key, text_key)}
         role = item.get(role_key)
@@ -698,6 +704,35 @@ def _split_skeleton(skeleton: str) -> Skeleton:
     return pieces[0::2], [int(r) for r in pieces[1::2]]
 
 
+class _Filled:
+    """A skeleton for the fast path: its literal pieces, the runs between them, and each
+    `{% generation %}` span's ends as (literal index, offset in it)."""
+
+    __slots__ = ("literals", "ids", "spans", "before", "owners")
+
+    def __init__(self, skeleton: str, spans: list[Span]) -> None:
+        self.literals, self.ids = _split_skeleton(skeleton)
+        # the literal text before run k: literals 0..k
+        self.before = list(accumulate(map(len, self.literals[: len(self.ids)])))
+        self.owners: tuple[list[int], list[bool]] | None = None  # each run's message and whether reasoning
+        bounds = []  # (start, end) of each literal in the skeleton
+        pos = 0
+        for k, literal in enumerate(self.literals):
+            bounds.append((pos, pos + len(literal)))
+            if k < len(self.ids):
+                pos += len(literal) + len(f"{_S0}{self.ids[k]}{_S1}")
+        self.spans = [(_in_literal(bounds, a), _in_literal(bounds, b)) for a, b in spans]
+
+
+def _in_literal(bounds: list[Span], position: int) -> tuple[int, int]:
+    """(literal index, offset) of a skeleton position; a position inside a sentinel cannot
+    be mapped (a block cannot end inside a value it outputs whole)."""
+    for k, (start, end) in enumerate(bounds):
+        if start <= position <= end:
+            return k, position - start
+    raise _Unaligned
+
+
 def _align(text: str, skeleton: Skeleton, runs: _Runs) -> list[tuple[int, int, int]]:
     """Where each sentinel of the skeleton lies in the real text: (start, end, run), in order.
     The skeleton's literal text must equal the real text's between them; a run may come out
@@ -767,6 +802,19 @@ class ChatTemplate:
         self._special_re = re.compile("|".join(map(re.escape, self._specials))) if self._specials else None
         self._markers: tuple[list[str], str | None] | None = None
         self._skeletons: dict[Any, Skeleton] = {}
+        # the fast path (see `_render_filled`): proven from the syntax tree, never assumed
+        self._verbatim = (
+            content_is_verbatim(env.parse(source))
+            and _S0 not in source + self.bos_token + self.eos_token
+            and _S1 not in source + self.bos_token + self.eos_token
+        )
+        self._filled: dict[Any, _Filled | None] = {}
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether plain conversations are rendered from a skeleton per conversation shape
+        (the template was proven to output message text only verbatim or trimmed)."""
+        return self._verbatim
 
     def fingerprint(self) -> str:
         return f"chat2:{xxhash.xxh3_64_hexdigest(self.source.encode())}:{self.last_turn_only}:{self.reasoning}"
@@ -844,17 +892,22 @@ class ChatTemplate:
         template is rendered again with a sentinel for every run of message text (tags such
         as <think> and edge whitespace kept), and the real rendering is walked against it."""
         chat = as_chat(turns)
-        try:
-            text, generated = self._render(chat.messages, chat.tools, generation=self.has_generation)
-        except ConfigError:
-            flat = _joined_text_parts(chat.messages)
-            if flat is None:
-                raise
-            # a template that renders string content only (transformers fails there): text parts joined
-            chat = Chat(flat, chat.tools, chat.instruction, chat.input)
-            text, generated = self._render(chat.messages, chat.tools, generation=self.has_generation)
+        filled = self._render_filled(chat)
+        occurrences: list[tuple[int, int, int, bool]] | None
+        if filled is not None:
+            text, generated, occurrences = filled
+        else:
+            try:
+                text, generated = self._render(chat.messages, chat.tools, generation=self.has_generation)
+            except ConfigError:
+                flat = _joined_text_parts(chat.messages)
+                if flat is None:
+                    raise
+                # a template that renders string content only (transformers fails there): text parts joined
+                chat = Chat(flat, chat.tools, chat.instruction, chat.input)
+                text, generated = self._render(chat.messages, chat.tools, generation=self.has_generation)
+            occurrences = self._locate(text, chat)
         messages = chat.messages
-        occurrences = self._locate(text, chat)
         if occurrences is None:
             if not self.has_generation:
                 raise ConfigError(self._unaligned_message(chat))
@@ -883,6 +936,55 @@ class ChatTemplate:
             trained = _subtract(trained, holes)
         content = [(s, e) for s, e, _, _ in occurrences]
         return self._finish(text, trained, content)
+
+    def _render_filled(self, chat: Chat) -> tuple[str, list[Span], list[tuple[int, int, int, bool]]] | None:
+        """The fast path: the rendering, its generation spans and the runs of message text,
+        from the skeleton of the conversation's shape filled with its text, without rendering
+        it. Exact where `content_is_verbatim` proved that the template only outputs message
+        text (verbatim or trimmed, never looked at): both renderings then take the same path
+        and differ only in the text standing at the sentinels. Taken for plain conversations
+        (role and non-blank string content, no tools); None elsewhere (render as usual)."""
+        if not self._verbatim or chat.tools is not None:
+            return None
+        messages = chat.messages
+        for m in messages:
+            content = m.get("content")
+            # blank text: its whole value is one run, which trim would not give back
+            if len(m) != 2 or "role" not in m or type(content) is not str or not content.strip():
+                return None
+        runs = _Runs()
+        key = tuple((m["role"], runs.mark(m["content"], i, False)) for i, m in enumerate(messages))
+        if key in self._filled:
+            entry = self._filled[key]
+        else:
+            marked = [{"role": role, "content": content} for role, content in key]
+            try:
+                entry = _Filled(*self._render(marked, None, generation=self.has_generation))
+            except (ConfigError, _Unaligned):
+                entry = None  # the general path renders it and reports the error
+            if len(self._filled) >= 4096:
+                self._filled.clear()
+            self._filled[key] = entry
+        if entry is None:
+            return None
+        items = runs.items
+        if entry.owners is None:  # the runs' messages: a function of the shape (the key) too
+            if entry.ids and max(entry.ids) >= len(items):
+                return None
+            entry.owners = ([items[r][0] for r in entry.ids], [items[r][1] for r in entry.ids])
+        values = [items[r][2] for r in entry.ids]
+        lengths = list(map(len, values))
+        starts = list(map(add, entry.before, accumulate(lengths, initial=0)))
+        ends = list(map(add, starts, lengths))
+        pieces: list[str] = [""] * (2 * len(values) + 1)
+        pieces[0::2] = entry.literals
+        pieces[1::2] = values
+        occurrences = list(zip(starts, ends, *entry.owners))
+        generated = []
+        if entry.spans:
+            literal_at = [0, *ends]  # where literal k starts: after run k - 1
+            generated = [(literal_at[a] + da, literal_at[b] + db) for (a, da), (b, db) in entry.spans]
+        return "".join(pieces), generated, occurrences
 
     def _locate(self, text: str, chat: Chat) -> list[tuple[int, int, int, bool]] | None:
         """(start, end, message, is reasoning) of every rendered run of message text, or None

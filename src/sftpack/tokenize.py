@@ -24,7 +24,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -85,6 +85,10 @@ def encode_documents(
     # parsed specials and the plain split route: injections are counted for the batch at once,
     # from the special-token items the split makes (they are the specials the stream gets)
     deferred = parse_specials and pattern is not None and split is not None and not in_context and not strips
+    if deferred and all(s and "\0" not in s for s in special_ids):
+        kind_of, value_of, start_of, end_of, per_doc, pieces = _split_batch(split, special_ids, docs, bos, eos)
+        enc = tok.encode(pieces, positions=not train_on_prompt)
+        return _finish_batch(tok, docs, train_on_prompt, True, enc, kind_of, value_of, start_of, end_of, per_doc, 0)
     for doc in docs:
         first_item = len(kinds)
         n_texts = len(texts)
@@ -156,6 +160,26 @@ def encode_documents(
     else:
         enc = tok.encode(texts, positions=positions)
 
+    return _finish_batch(
+        tok, docs, train_on_prompt, deferred, enc, kinds, values, starts, ends, items_per_doc, special_docs
+    )
+
+
+def _finish_batch(
+    tok: Tokenizer,
+    docs: Sequence[Rendered],
+    train_on_prompt: bool,
+    deferred: bool,
+    enc: Encoded,
+    kinds: Sequence[int] | np.ndarray,
+    values: Sequence[int] | np.ndarray,
+    starts: Sequence[int] | np.ndarray,
+    ends: Sequence[int] | np.ndarray,
+    items_per_doc: Sequence[int] | np.ndarray,
+    special_docs: int,
+) -> EncodedBatch:
+    """The batch's tokens, units and mask from its items (text pieces and token ids in
+    stream order) and the encoded text pieces."""
     kind = np.asarray(kinds, dtype=np.int8)
     value = np.asarray(values, dtype=np.int64)
     is_text = kind == _TEXT
@@ -180,6 +204,63 @@ def encode_documents(
     else:
         mask = _mask(tok, docs, enc, kind, value, starts, ends, item_len, doc_of_item)
     return EncodedBatch(tokens, mask, unit_lengths, special_docs)
+
+
+def _split_batch(
+    split: Any, special_ids: dict[str, int], docs: Sequence[Rendered], bos: int | None, eos: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """The plain split route's items for the whole batch with one `split` of the texts
+    joined by NUL (no special-token string holds one, so no match spans two documents and
+    each document's matches are its own): per document BOS, its text pieces and special
+    tokens in order, EOS; as (kinds, values, starts, ends, items per document, texts)."""
+    n = len(docs)
+    lengths = np.fromiter((len(d.text) for d in docs), dtype=np.int64, count=n)
+    base = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths + 1, out=base[1:])
+    joined = "\0".join(d.text for d in docs)
+    parts = split(joined)
+    bounds = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=bounds[1:])
+    special_start, special_end = bounds[1:-1:2], bounds[2::2]
+    special_doc = np.searchsorted(base, special_start, side="right") - 1
+    # text pieces: from each document's start and each special's end to the next special's start or the document's end
+    text_start = np.concatenate([base[:-1], special_end])
+    text_end = np.concatenate([base[:-1] + lengths, special_start])
+    text_doc = np.concatenate([np.arange(n), special_doc])
+    order = np.argsort(text_start, kind="stable")
+    text_start, text_end, text_doc = text_start[order], np.sort(text_end, kind="stable"), text_doc[order]
+    texts = [joined[a:b] for a, b in zip(text_start.tolist(), text_end.tolist())]
+    # items: position in the joined text, rank among items at one position (BOS, text, special, EOS)
+    m, t = len(special_start), len(texts)
+    pos = [text_start, special_start]
+    rank = [np.full(t, 1), np.full(m, 2)]
+    kind = [np.full(t, _TEXT), np.full(m, _ID)]
+    value = [np.arange(t), np.asarray([special_ids[p] for p in parts[1::2]], dtype=np.int64).reshape(-1)]
+    end = [np.full(t, -1), special_end]
+    doc = [text_doc, special_doc]
+    for token, at, r in ((bos, base[:-1], 0), (eos, base[:-1] + lengths, 3)):
+        if token is not None:
+            pos.append(at)
+            rank.append(np.full(n, r))
+            kind.append(np.full(n, _ID))
+            value.append(np.full(n, token))
+            end.append(np.full(n, -1))
+            doc.append(np.arange(n))
+    all_pos = np.concatenate(pos)
+    order = np.lexsort((np.concatenate(rank), all_pos))
+    item_doc = np.concatenate(doc)[order]
+    starts = all_pos[order] - base[item_doc]
+    ends = np.concatenate(end)[order]
+    ends = np.where(ends >= 0, ends - base[item_doc], -1)
+    items_per_doc = np.bincount(item_doc, minlength=n)
+    return (
+        np.concatenate(kind)[order].astype(np.int8),
+        np.concatenate(value)[order].astype(np.int64),
+        starts,
+        ends,
+        items_per_doc,
+        texts,
+    )
 
 
 def _encode_plain(tok: Tokenizer, docs: Sequence[Rendered], train_on_prompt: bool) -> EncodedBatch:
@@ -391,10 +472,10 @@ def _mask(
 
 
 def _utf8_offsets(text: str, positions: np.ndarray) -> np.ndarray:
-    """UTF-8 byte offset of each character position of `text` (vectorised over the text)."""
+    """UTF-8 byte offset of each character position of `text` (vectorised over the text):
+    the bytes that start a character (all but the continuation bytes 0x80-0xBF), indexed."""
     if text.isascii():
         return positions
-    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    cumulative = np.zeros(len(points) + 1, dtype=np.int64)
-    np.cumsum(1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000), out=cumulative[1:])
-    return cumulative[positions]
+    encoded = np.frombuffer(text.encode("utf-8"), dtype=np.int8)
+    starts = np.flatnonzero(encoded >= -64)  # as int8, continuation bytes are -128..-65
+    return np.append(starts, len(encoded))[positions]

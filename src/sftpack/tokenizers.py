@@ -175,6 +175,14 @@ class QuicktokTokenizer(Tokenizer):
         return self._enc.decode([int(i) for i in ids])
 
     def fingerprint(self) -> str:
+        # hashing the vocabulary costs a tenth of a second: once per tokenizer and settings
+        key = (tuple(sorted(self.special_tokens.items())), self.bos_token, self.eos_token, self.adds_bos)
+        cached = self.__dict__.get("_fingerprint_memo")
+        if cached is None or cached[0] != key:
+            self.__dict__["_fingerprint_memo"] = cached = (key, self._fingerprint())
+        return cached[1]
+
+    def _fingerprint(self) -> str:
         h = xxhash.xxh3_128()
         for token in self._token_bytes:
             h.update(b"<none>" if token is None else token)

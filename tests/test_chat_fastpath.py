@@ -1,0 +1,197 @@
+"""The chat fast path (a skeleton per conversation shape, filled with the record's text):
+taken only where the template's syntax tree proves message text is output verbatim or
+trimmed, and then byte-identical to rendering every record, down to the stores."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sftpack.templates as templates
+from sftpack import PackedSFTDataset
+from sftpack.errors import ConfigError
+from sftpack.templates import make_template
+
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+SPECIALS = ["<s>", "</s>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<end_of_turn>", "<|end|>"]
+# verbatim templates: text only output, concatenated, trimmed (also a concatenation trimmed)
+OWN = (
+    "{% for m in messages %}{{ ('[' + m.role + '] ' + m.content + ' ') | trim }}\n{% endfor %}",
+    "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+    "{% set c = m['content'] %}{{ ns.n ~ ':' ~ c ~ '|' }}{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}",
+)
+# templates that look at or change the text: refused (the general path renders them)
+LOOKING = (
+    "{% for m in messages %}{{ m.content | upper }}{% endfor %}",
+    "{% for m in messages %}{{ m.content.upper() }}{% endfor %}",
+    "{% for m in messages %}{% if m.content %}{{ m.content }}{% endif %}{% endfor %}",
+    "{% for m in messages %}{% if '</think>' in m.content %}x{% endif %}{{ m.content }}{% endfor %}",
+    "{% for m in messages %}{{ m.content | length }}{{ m.content }}{% endfor %}",
+    "{% for m in messages %}{% set c = m.content %}{% if c == 'x' %}!{% endif %}{{ c }}{% endfor %}",
+    "{% for m in messages %}{{ m.content | tojson }}{% endfor %}",
+    "{% for m in messages %}{{ m | tojson }}{% endfor %}",
+    "{{ messages }}",
+    "{% for m in messages %}{{ m.content[:3] }}{% endfor %}",
+    "{% for m in messages %}{{ m.content.split('x')[0] }}{% endfor %}",
+    "{% for m in messages %}{{ loop.previtem | tojson }}{{ m.content }}{% endfor %}",
+    "{% for m in messages %}{% set l = loop %}{{ l.nextitem }}{{ m.content }}{% endfor %}",
+    "{% for m in messages %}{{ m.get('content') }}{% endfor %}",
+    "{% for m in messages %}{{ (m.content ~ '') * 2 }}{% endfor %}",
+    "{% for m in messages %}{{ '%s' % m.content }}{% endfor %}",
+    "{% for m in messages %}{{ m.content if m.content else 'empty' }}{% endfor %}",
+    "{% macro show(x) %}{{ x }}{% endmacro %}{% for m in messages %}{{ show(m.content) }}{% endfor %}",
+    "{% for m in messages %}{% for ch in m.content %}{{ ch }}{% endfor %}{% endfor %}",
+    "{{ strftime_now('%d') }}{% for m in messages %}{{ m.content }}{% endfor %}",
+    "{% for m in messages|map(attribute='content') %}{{ m }}{% endfor %}",
+    "{% for m in messages %}{% set ns = namespace(c=m.content) %}{{ ns.c }}{% endfor %}",
+)
+PIECES = ["hi", "the", "café", " ", "\n", "<think>", "</think>", "{{x}}", "\u29830\u2984", "'q'", '"d"', "\\", "日本",
+          "<|eot_id|>", "\t"]
+
+
+def corpus(n: int, seed: int = 0) -> list[dict]:
+    """Conversations with edge whitespace, blank and empty turns, think tags, specials,
+    sentinel look-alikes, weights and tool-free extra keys."""
+    rng = random.Random(seed)
+
+    def text() -> str:
+        body = "".join(rng.choice(PIECES) + rng.choice(["", " "]) for _ in range(rng.randint(0, 7)))
+        return rng.choice(["", " ", "\n", "  \n"]) + body + rng.choice(["", " ", "\n\n"])
+
+    rows = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": text()}] if rng.random() < 0.4 else []
+        for _ in range(rng.randint(1, 3)):
+            messages.append({"role": "user", "content": text()})
+            messages.append({"role": "assistant", "content": text()})
+            if rng.random() < 0.1:
+                messages[-1]["weight"] = 0
+        rows.append({"messages": messages})
+    return rows
+
+
+def rendered(template, rows) -> list:
+    out = []
+    for row in rows:
+        try:
+            doc = template.render([dict(m) for m in row["messages"]])
+            out.append((doc.text, doc.trained, doc.content, doc.train_eos))
+        except Exception as exc:  # the same error on both paths
+            out.append(repr(exc))
+    return out
+
+
+def pair(source: str, **kwargs):
+    kwargs = {"bos_token": "<s>", "eos_token": "</s>", "special_tokens": SPECIALS, **kwargs}
+    fast = make_template(source, **kwargs)
+    slow = make_template(source, **kwargs)
+    slow._verbatim = False
+    return fast, slow
+
+
+VERBATIM = [(TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+            for name in ("llama3", "llama3_training", "gemma", "phi3", "phi3_training")] + list(OWN)
+
+
+@pytest.mark.parametrize("source", VERBATIM, ids=lambda s: str(hash(s))[-6:])
+@pytest.mark.parametrize("options", [{}, {"last_turn_only": True}, {"reasoning": "mask"}, {"reasoning": "rendered"}])
+def test_fast_path_renders_what_every_record_rendered_gives(source, options):
+    fast, slow = pair(source, **options)
+    assert fast.fast_path
+    rows = corpus(150)
+    assert rendered(fast, rows) == rendered(slow, rows)
+    assert fast._filled and not slow._filled  # the fast path was taken, and only there
+
+
+@pytest.mark.parametrize("source", LOOKING)
+def test_templates_that_look_at_the_text_are_not_fast_pathed(source):
+    fast, _ = pair(source)
+    assert not fast.fast_path
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " yes "}]
+    try:
+        doc = fast.render(chat)
+    except ConfigError:
+        return  # refused as before (the text cannot be located)
+    assert doc.text == fast.render_text(chat) and not fast._filled
+
+
+def test_a_template_that_transforms_the_text_is_still_correct():
+    fast, slow = pair(
+        "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}{% generation %}{{ m.content | upper }}"
+        "{% endgeneration %}{% else %}{{ m.content | upper }}{% endif %}</s>{% endfor %}"
+    )
+    assert not fast.fast_path
+    doc = fast.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}])
+    assert doc.text == "<user>HI</s><assistant>YES</s>"
+    assert [doc.text[a:b] for a, b in doc.trained] == ["YES"]
+
+
+def test_fast_and_general_path_build_byte_identical_stores(tmp_path, monkeypatch):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in corpus(300, seed=1)), encoding="utf-8")
+    stores = {}
+    filled = []
+    original = templates.ChatTemplate._render_filled
+
+    def spy(self, chat):
+        out = original(self, chat)
+        filled.append(out is not None)
+        return out
+
+    monkeypatch.setattr(templates.ChatTemplate, "_render_filled", spy)
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(templates, "content_is_verbatim", lambda _ast: False)
+        for train_on_prompt in (True, False):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = PackedSFTDataset("llama3", path, seq_length=64, template="chat", train_on_prompt=train_on_prompt,
+                                      cache_dir=tmp_path / f"cache{fast}{train_on_prompt}")
+            stores[fast, train_on_prompt] = {f.name: f.read_bytes() for f in sorted(Path(ds.path).glob("*.npy"))}
+    assert sum(filled) > 200 and not any(filled[len(filled) // 2 :])  # the fast path, then never
+    for train_on_prompt in (True, False):
+        assert stores[True, train_on_prompt] == stores[False, train_on_prompt]
+        assert len(stores[True, train_on_prompt]) >= 3  # tokens, masks, offsets compared
+    masks = np.load(Path(ds.path) / "loss_mask.npy")
+    assert 0 < masks.sum() < len(masks)  # the masked build trains some tokens and not others
+
+
+class _PerDocument:
+    """A tokenizer whose special tokens include one holding NUL: the per-document split route."""
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+        self.special_tokens = {**tok.special_tokens, "\0never": 0}
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+@pytest.mark.parametrize("train_on_prompt", [True, False])
+def test_one_split_for_the_batch_equals_one_per_document(train_on_prompt):
+    from sftpack.tokenize import encode_documents
+    from sftpack.tokenizers import load_tokenizer
+
+    tok = load_tokenizer("llama3")
+    template = make_template(
+        "chat", chat_template=tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token,
+        special_tokens=list(tok.special_tokens),
+    )
+    docs = []
+    for row in corpus(400, seed=2):
+        try:
+            docs.append(template.render(row["messages"]))
+        except ConfigError:
+            pass
+    assert any("<|eot_id|>" in doc.text[s:e] for doc in docs for s, e in doc.content)  # injections too
+    batched = encode_documents(tok, docs, train_on_prompt=train_on_prompt)
+    alone = encode_documents(_PerDocument(tok), docs, train_on_prompt=train_on_prompt)
+    assert batched.special_docs == alone.special_docs > 0
+    for field in ("tokens", "mask", "unit_lengths"):
+        assert np.array_equal(getattr(batched, field), getattr(alone, field))
