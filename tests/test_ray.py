@@ -405,3 +405,11 @@ def test_a_driver_killed_during_the_reduce_leaves_nothing_that_opens_as_a_store(
     build(SAMPLE, tmp_path / "local", BuildOptions(seq_length=64), progress=False)
     same_store(tmp_path / "local", out)
     no_litter(tmp_path)
+
+
+def test_ray_address_is_refused_when_this_process_already_runs_ray(ray_local, tmp_path):
+    from sftpack.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="already runs Ray"):
+        build(SAMPLE, tmp_path / "out", BuildOptions(seq_length=64, engine="ray", ray_address="10.0.0.1:6379"))
+    assert not (tmp_path / "out").exists()

@@ -171,11 +171,26 @@ def encode_on_ray(
     if started:
         where = options.ray_address or os.environ.get("RAY_ADDRESS")
         try:
-            ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=False)
+            # Ray's own notices (the local instance it started, deprecations) are not the user's concern
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ray.init(
+                    address=options.ray_address,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"cannot start or join Ray at {where or 'this machine'}: {exc}") from None
+    elif options.ray_address:
+        raise ConfigError(
+            f"ray_address={options.ray_address!r} was given, but this process already runs Ray, which the build "
+            "uses: drop ray_address, or call ray.shutdown() first"
+        )
     try:
-        results = _run(ray, job, shards, _progress_bar(reader.total_bytes, progress))
+        with warnings.catch_warnings():  # Ray Data's deprecation notices of its own settings
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
+            results = _run(ray, job, shards, _progress_bar(reader.total_bytes, progress))
         documents = 0  # of the current file
         for shard, result in zip(shards, results):  # the first error in input order, as the local build meets it
             if result["error"]:
