@@ -168,6 +168,10 @@ def test_per_message_weight_and_train_flag(jsonl):
                      id="content-part"),
         pytest.param({"role": "assistant", "content": "x", "tool_calls": "f()"}, r"tool_calls must be a list.*message 2",
                      id="tool-calls"),
+        pytest.param({"role": "assistant", "content": "x", "weight": True}, r"weight must be 0 or 1.*message 2",
+                     id="weight-bool"),
+        pytest.param({"role": "assistant", "content": [{"type": "text", "text": "see"}, {"type": "image", "url": "x"}]},
+                     r"content\[1\] is a 'image' content part \(message 2\): sftpack packs text", id="image-part"),
     ],
 )
 def test_bad_messages_name_file_line_and_message(jsonl, bad, message):

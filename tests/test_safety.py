@@ -729,3 +729,14 @@ def test_same_size_copy_keeping_the_mtime_is_a_change(tmp_path, llama3, monkeypa
     monkeypatch.setattr(sftpack.build, "RecordReader", Replaced)
     with pytest.raises(InputError, match="changed while it was read"):
         build(data, tmp_path / "store", OPTIONS, llama3, progress=False)
+
+
+def test_a_cache_entry_named_dot_dot_never_cleans_beside_the_cache(tmp_path):
+    """`cache/..tmp-x` names the target `..`: the sweep must not clean the cache's parent."""
+    data = _jsonl(tmp_path / "data.jsonl", _rows(30))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    make_tmp(cache / "..tmp-x")
+    make_tmp(tmp_path / ".cache.tmp-user")  # beside the cache: not the sweep's business
+    PackedSFTDataset("llama3", data, 16, cache_dir=cache)
+    assert (tmp_path / ".cache.tmp-user").is_dir()

@@ -265,6 +265,7 @@ def sweep(directory: Path, keep: Path | None = None) -> None:
         for mark in (".tmp-", ".old-"):
             if entry.name.startswith(".") and mark in entry.name:
                 names.add(entry.name[1 : entry.name.rindex(mark)])
+    names -= {"", ".", ".."}  # `directory / ".."` would clean beside the cache, outside it
     for name in sorted(names):
         try:
             with target_lock(directory / name, wait=False) as held:

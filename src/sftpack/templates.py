@@ -331,7 +331,12 @@ def _check_message(record: Record, message: Message, where: str, i: int, text_ke
                     f"{where}.{text_key}[{j}] must be a content part such as "
                     f'{{"type": "text", "text": "..."}}, got {_type(part)} (message {i + 1})'
                 )
-            if part["type"] == "text" and not isinstance(part.get("text"), str):
+            if part["type"] != "text":  # its repr would be rendered (and trained) as if it were text
+                raise record.error(
+                    f"{where}.{text_key}[{j}] is a {part['type']!r} content part (message {i + 1}): sftpack packs "
+                    "text; keep only the text parts of this conversation, or drop it"
+                )
+            if not isinstance(part.get("text"), str):
                 raise record.error(f"{where}.{text_key}[{j}].text must be a string (message {i + 1})")
     elif not isinstance(content, str):
         raise record.error(
@@ -341,7 +346,7 @@ def _check_message(record: Record, message: Message, where: str, i: int, text_ke
     calls = message.get("tool_calls")
     if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
         raise record.error(f"{where}.tool_calls must be a list of objects, got {_type(calls)} (message {i + 1})")
-    if "weight" in message and message["weight"] not in (0, 1):
+    if "weight" in message and (type(message["weight"]) is not int or message["weight"] not in (0, 1)):
         raise record.error(f"{where}.weight must be 0 or 1, got {message['weight']!r} (message {i + 1})")
     if "train" in message and not isinstance(message["train"], bool):
         raise record.error(f"{where}.train must be true or false, got {message['train']!r} (message {i + 1})")
