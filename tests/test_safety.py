@@ -740,3 +740,11 @@ def test_a_cache_entry_named_dot_dot_never_cleans_beside_the_cache(tmp_path):
     make_tmp(tmp_path / ".cache.tmp-user")  # beside the cache: not the sweep's business
     PackedSFTDataset("llama3", data, 16, cache_dir=cache)
     assert (tmp_path / ".cache.tmp-user").is_dir()
+
+
+def test_a_plan_that_fails_at_commit_names_the_output_not_the_temporary_directory(tmp_path):
+    data = _jsonl(tmp_path / "data.jsonl", _rows(2))
+    with pytest.raises(sftpack.ConfigError) as err:
+        build(data, tmp_path / "out", make_options(seq_length=4096), "llama3", progress=False)
+    assert str(err.value).startswith(f"{tmp_path / 'out'}: ") and ".tmp-" not in str(err.value)
+    assert not (tmp_path / "out").exists() and _litter(tmp_path / "out") == []

@@ -325,10 +325,14 @@ def _write_store(
             raise ConfigError(
                 "no token of the dataset is supervised (every label is masked); check train_on_prompt and the template"
             )
-        writer.commit(
-            manifest(fp, tok, options, writer, special_docs, reader.total_bytes),
-            check=lambda tmp: checked.append(summarize(open_store(tmp), options, 0.0, reused=False)),
-        )
+
+        def check(tmp: Path) -> None:  # the plan of the finished store, before it is published
+            try:
+                checked.append(summarize(open_store(tmp), options, 0.0, reused=False))
+            except ConfigError as exc:  # named by where the user asked for it, not the temporary directory
+                raise ConfigError(str(exc).replace(str(tmp), str(out))) from None
+
+        writer.commit(manifest(fp, tok, options, writer, special_docs, reader.total_bytes), check=check)
     checked[0].path = out
     return checked[0]
 
