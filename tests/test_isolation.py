@@ -113,7 +113,8 @@ def test_mask_cross_document_store(jsonl, tmp_path):
 
 
 def test_rows_beyond_the_store_are_clamped(jsonl, tmp_path):
-    path = _store(jsonl, tmp_path, boundaries=True)
+    data = jsonl(_records(n=8), name="few.jsonl")
+    path = build(data, tmp_path / "few", BuildOptions(seq_length=SEQ, boundaries=True), "llama3").path
     n = len(open_packed(path))
     report = check_isolation(path, rows=n + 5)
     assert report.rows == n and report.passed
