@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .pack import IGNORE_INDEX
+from .pack import IGNORE_INDEX, positions_from_lens
 
 if TYPE_CHECKING:
     import datasets
@@ -42,12 +42,6 @@ def _int64(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         value = value.numpy()
     return np.asarray(value, dtype=np.int64)
-
-
-def positions_from_lens(lens: np.ndarray) -> np.ndarray:
-    """`position_ids` of a row of document pieces of lengths `lens`: 0, 1, ... for each."""
-    lens = np.asarray(lens, np.int64)
-    return np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
 
 
 def piece_starts(positions: np.ndarray) -> np.ndarray:

@@ -50,6 +50,12 @@ def position_ids(doc_starts: np.ndarray, start: int, length: int) -> np.ndarray:
     return pos - doc_starts[owner]
 
 
+def positions_from_lens(lens: np.ndarray) -> np.ndarray:
+    """`position_ids` of a row of document pieces of lengths `lens`: 0, 1, ... for each."""
+    lens = np.asarray(lens, np.int64)
+    return np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+
+
 def seq_lens(doc_starts: np.ndarray, start: int, length: int) -> np.ndarray:
     """Lengths of the document pieces of `[start, start + length)`, in order, summing to length."""
     lo = np.searchsorted(doc_starts, start, side="right")

@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import BuildOptions, make_options, resolve_seed
 from .errors import ConfigError
-from .pack import IGNORE_INDEX, labels_from, mask_cross_document, position_ids, seq_lens
+from .pack import IGNORE_INDEX, labels_from, mask_cross_document, position_ids, positions_from_lens, seq_lens
 from .plans import ConcatPlan, Plan, PlanError, Ranges, document_order, plan_bfd, plan_concat
 from .store import Store
 
@@ -201,7 +201,7 @@ class View:
         if not self.all_trained:
             labels[:-1][mask[1:] == 0] = IGNORE_INDEX
         labels[starts + lens - 1] = IGNORE_INDEX  # a piece's last token predicts nothing in it
-        positions = np.arange(n, dtype=np.int64) - np.repeat(starts, lens)
+        positions = positions_from_lens(lens)
         if self.pad and n < L:
             # padding is a segment of its own (positions 0.., labels -100): it attends to nothing real
             fill = L - n
