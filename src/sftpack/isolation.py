@@ -180,7 +180,8 @@ def check_isolation(
     plan = ds.view.plan
     chosen = sorted(np.argsort(-ds.view.pieces_per_row(), kind="stable")[:rows].tolist())
     n_rows = len(chosen)
-    max_pos = max(int(ds[r]["position_ids"].max()) for r in chosen) + 1
+    rows_of = {r: ds[r] for r in chosen}  # a few rows: the model's logits, not these, need bounding
+    max_pos = max(int(item["position_ids"].max()) for item in rows_of.values()) + 1
     model = tiny_llama(vocab_size, max(L, max_pos), seed, attn_implementation)
     hf = ds.with_labels("hf")
     collator = DataCollator(padding_free=padding_free, use_cache=use_cache)
@@ -194,7 +195,7 @@ def check_isolation(
     cut_at = set(plan.offsets.tolist()) if isinstance(plan, ConcatPlan) else set()
     for group in (chosen[i : i + ROWS_PER_BATCH] for i in range(0, n_rows, ROWS_PER_BATCH)):  # bounded memory
         # rows may differ in length (bfd with pad=False): each is kept at its own length
-        items = [ds[r] for r in group]
+        items = [rows_of[r] for r in group]
         lengths = [len(item["input_ids"]) for item in items]
         batch = collator([hf[r] for r in group])
         if not packed_positions:
