@@ -45,10 +45,13 @@ def _refuse_aligned(ids: torch.Tensor, labels: torch.Tensor) -> None:
     label is its own input token) and not shifted (some supervised label is not the next
     input): a loss without a shift would train each token to predict itself. A batch that
     both conventions fit (no supervision, repeated tokens) passes."""
-    supervised = labels != IGNORE_INDEX
-    if not bool(supervised.any()) or not bool((labels[supervised] == ids[supervised]).all()):
+    ids_, labels_ = ids.numpy(), labels.numpy()  # numpy: cheaper than torch ops on every batch
+    if ((labels_[0] != ids_[0]) & (labels_[0] != IGNORE_INDEX)).any():
+        return  # the first row is not aligned, so the batch is not (the usual case, decided on one row)
+    unsupervised = labels_ == IGNORE_INDEX
+    if not ((labels_ == ids_) | unsupervised).all() or unsupervised.all():
         return
-    if bool(((labels[:, :-1] == ids[:, 1:]) | ~supervised[:, :-1]).all()):
+    if ((labels_[:, :-1] == ids_[:, 1:]) | unsupervised[:, :-1]).all():
         return
     raise ConfigError(
         "collate got labels aligned with input_ids (a dataset opened with labels='hf'): sftpack.collate and "
