@@ -306,7 +306,10 @@ def _encode_plain(tok: Tokenizer, docs: Sequence[Rendered], train_on_prompt: boo
 
 
 def _token_starts(enc: Encoded) -> np.ndarray:
-    """Each token's start inside its text: the previous token's end, 0 for a text's first."""
+    """Each token's start inside its text: as encoded, else the previous token's end (0 for
+    a text's first)."""
+    if enc.starts is not None:
+        return enc.starts
     ends = cast(np.ndarray, enc.ends)  # encoded with positions=True
     starts = np.empty_like(ends)
     starts[1:] = ends[:-1]
@@ -323,13 +326,9 @@ def _single_span_mask(tok: Tokenizer, docs: Sequence[Rendered], enc: Encoded) ->
     ends = np.maximum(cast(np.ndarray, enc.ends), starts + 1)  # zero-width tokens attach to the next character
     lo = np.zeros(n, dtype=np.int64)
     hi = np.zeros(n, dtype=np.int64)
-    to_bytes = tok.unit == "byte"
     for d, doc in enumerate(docs):
         if doc.trained:
-            a, b = doc.trained[0]
-            if to_bytes and not doc.text.isascii():
-                a, b = len(doc.text[:a].encode("utf-8")), len(doc.text[:b].encode("utf-8"))
-            lo[d], hi[d] = a, b
+            lo[d], hi[d] = doc.trained[0]
     lo[hi <= lo] = np.iinfo(np.int64).max  # an empty span trains nothing
     token_doc = np.repeat(np.arange(n), seg_lens)
     return ((ends > lo[token_doc]) & (starts < hi[token_doc])).astype(np.uint8)
@@ -425,57 +424,36 @@ def _mask(
     item_len: np.ndarray,
     doc_of_item: np.ndarray,
 ) -> np.ndarray:
-    """1 for tokens overlapping a trained span of their document, computed for the whole
-    batch at once in one coordinate system: the documents' texts joined by one separator."""
-    n_docs = len(docs)
-    char_base = np.zeros(n_docs + 1, dtype=np.int64)
-    np.cumsum(np.fromiter((len(d.text) + 1 for d in docs), dtype=np.int64, count=n_docs), out=char_base[1:])
-    spans = np.asarray([p for d in docs for span in d.trained for p in span], dtype=np.int64).reshape(-1, 2)
-    span_doc = np.repeat(np.arange(n_docs), [len(d.trained) for d in docs])
-    start_arr = np.asarray(starts, dtype=np.int64)
+    """1 for tokens overlapping a trained span of their document, for the whole batch at
+    once: every token's [start, end) in characters, the documents laid `_STRIDE` apart on
+    one increasing coordinate; each span then covers one run of tokens, found by two binary
+    searches, and the runs are marked."""
+    start_arr = np.asarray(starts, dtype=np.int64) + doc_of_item * _STRIDE
     end_arr = np.asarray(ends, dtype=np.int64)
-    item_base = char_base[:-1][doc_of_item]
-    n_spans, n_items = len(spans), len(start_arr)
-    positions = np.concatenate(
-        [
-            spans[:, 0] + char_base[:-1][span_doc],
-            spans[:, 1] + char_base[:-1][span_doc],
-            start_arr + item_base,
-            np.where(end_arr >= 0, end_arr, start_arr) + item_base,
-        ]
-    )
-    if tok.unit == "byte":
-        positions = _utf8_offsets("\0".join(d.text for d in docs), positions)
-    span_lo, span_hi = positions[:n_spans], positions[n_spans : 2 * n_spans]
-    item_lo, item_hi = positions[2 * n_spans : 2 * n_spans + n_items], positions[2 * n_spans + n_items :]
-    keep = span_hi > span_lo
-    span_lo, span_hi = span_lo[keep], span_hi[keep]
-
-    lo = np.repeat(item_lo, item_len)
-    hi = np.repeat(item_hi, item_len)
     is_text = kind == _TEXT
-    if is_text.any():
-        # a text item's tokens: [piece start + previous token's end, piece start + own end)
-        text_tok = is_text[np.repeat(np.arange(len(kind)), item_len)]
-        piece_lo = lo[text_tok]
-        lo[text_tok] = piece_lo + _token_starts(enc)
-        hi[text_tok] = piece_lo + enc.ends
+    # text tokens inside their piece; special tokens over their text; delimiters (BOS, EOS)
+    # empty at their place
+    item_of_token = np.repeat(np.arange(len(kind)), item_len)
+    lo = start_arr[item_of_token]
+    hi = np.where(end_arr >= 0, end_arr + doc_of_item * _STRIDE, start_arr)[item_of_token]
+    text_tok = is_text[item_of_token]
+    piece_lo = lo[text_tok]
+    lo[text_tok] = piece_lo + _token_starts(enc)
+    hi[text_tok] = piece_lo + cast(np.ndarray, enc.ends)
     hi = np.maximum(hi, lo + 1)  # zero-width tokens attach to the next character
-    k = np.searchsorted(span_lo, hi, side="left")
-    mask = (k > 0) & (span_hi[np.maximum(k - 1, 0)] > lo) if len(span_lo) else np.zeros(len(lo), dtype=bool)
+    spans = [(d * _STRIDE + a, d * _STRIDE + b) for d, doc in enumerate(docs) for a, b in doc.trained if b > a]
+    bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    first = np.searchsorted(hi, bounds[:, 0], side="right")  # the first token ending after the span starts
+    stop = np.searchsorted(lo, bounds[:, 1], side="left")  # the first token starting at or after its end
+    runs = first < stop
+    marks = np.bincount(first[runs], minlength=len(lo) + 1) - np.bincount(stop[runs], minlength=len(lo) + 1)
+    mask = np.cumsum(marks[:-1]) > 0
     # delimiters: BOS never trained; EOS trained when the document's template asks for it
-    delim = np.flatnonzero((kind == _ID) & (end_arr < 0))
-    train_eos = np.fromiter((d.train_eos for d in docs), dtype=bool, count=n_docs)
+    delim = np.flatnonzero(~is_text & (end_arr < 0))
+    train_eos = np.fromiter((d.train_eos for d in docs), dtype=bool, count=len(docs))
     first_token = np.concatenate(([0], np.cumsum(item_len)[:-1]))
     mask[first_token[delim]] = (value[delim] == tok.eos_id) & train_eos[doc_of_item[delim]]
     return mask.astype(np.uint8)
 
 
-def _utf8_offsets(text: str, positions: np.ndarray) -> np.ndarray:
-    """UTF-8 byte offset of each character position of `text` (vectorised over the text):
-    the bytes that start a character (all but the continuation bytes 0x80-0xBF), indexed."""
-    if text.isascii():
-        return positions
-    encoded = np.frombuffer(text.encode("utf-8"), dtype=np.int8)
-    starts = np.flatnonzero(encoded >= -64)  # as int8, continuation bytes are -128..-65
-    return np.append(starts, len(encoded))[positions]
+_STRIDE = 1 << 40  # from one document's start to the next's in `_mask`: more than any document's length

@@ -40,13 +40,17 @@ def _special_pattern(specials: tuple[str, ...]) -> re.Pattern[str]:
 
 
 class Encoded:
-    """Ids of many texts: text i is `ids[offsets[i]:offsets[i+1]]`; `ends` (when asked
-    for) holds each token's end position inside its text, in the tokenizer's `unit`."""
+    """Ids of many texts: text i is `ids[offsets[i]:offsets[i+1]]`. `ends` (when asked
+    for) holds each token's end inside its text in characters; `starts` its start where
+    that is not the previous token's end (a token that begins inside a character another
+    token began: its bytes cover characters [start, end))."""
 
-    __slots__ = ("ids", "offsets", "ends")
+    __slots__ = ("ids", "offsets", "ends", "starts")
 
-    def __init__(self, ids: np.ndarray, offsets: np.ndarray, ends: np.ndarray | None) -> None:
-        self.ids, self.offsets, self.ends = ids, offsets, ends
+    def __init__(
+        self, ids: np.ndarray, offsets: np.ndarray, ends: np.ndarray | None, starts: np.ndarray | None = None
+    ) -> None:
+        self.ids, self.offsets, self.ends, self.starts = ids, offsets, ends, starts
 
 
 class Tokenizer(ABC):
@@ -64,7 +68,6 @@ class Tokenizer(ABC):
     # special tokens that take the whitespace beside them (HF AddedToken lstrip, rstrip)
     special_strips: dict[str, tuple[bool, bool]] = {}
     chat_template: str | None = None
-    unit: str = "byte"  # positions in `Encoded.ends`: "byte" (UTF-8) or "char"
     # True when encoding pieces cut at special tokens gives the joined string's ids.
     per_piece_exact: bool = True
     summary: str = ""
@@ -158,18 +161,31 @@ class QuicktokTokenizer(Tokenizer):
         return out
 
     @cached_property
-    def _token_nbytes(self) -> np.ndarray:
-        return np.fromiter((len(b or b"") for b in self._token_bytes), dtype=np.int64, count=self.vocab_size)
+    def _token_chars(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per id: how many characters its bytes begin (bytes that are not UTF-8
+        continuation bytes), and whether its first byte continues a character."""
+        tokens = [b or b"" for b in self._token_bytes]
+        lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+        starts = np.cumsum(lengths) - lengths
+        continues = (np.frombuffer(b"".join(tokens), dtype=np.uint8) & 0xC0) == 0x80
+        begins = np.add.reduceat(np.append(~continues, False).astype(np.int64), starts)
+        begins[lengths == 0] = 0
+        inside = np.zeros(len(tokens), dtype=np.int64)
+        inside[lengths > 0] = continues[starts[lengths > 0]]
+        return begins, inside
 
     def encode(self, texts: Sequence[str], *, positions: bool = False) -> Encoded:
         ids, offsets = self._enc.encode_batch(list(texts), self.threads, False)
-        ends = None
-        if positions:
-            cum = np.cumsum(self._token_nbytes[ids])
-            first = offsets[:-1]
-            before = np.where(first > 0, cum[np.maximum(first - 1, 0)] if len(cum) else 0, 0)
-            ends = cum - np.repeat(before, np.diff(offsets))
-        return Encoded(ids, offsets, ends)
+        if not positions:
+            return Encoded(ids, offsets, None)
+        # characters from the bytes: a token covers the characters its bytes belong to, so
+        # one that begins inside a character (byte-level BPE splits some) starts at it
+        begins, inside = self._token_chars
+        cum = np.cumsum(begins[ids])
+        first = offsets[:-1][offsets[:-1] < offsets[1:]]
+        ends = cum - np.repeat(cum[first] - begins[ids[first]], np.diff(offsets)[offsets[:-1] < offsets[1:]])
+        starts = ends - begins[ids] - inside[ids]
+        return Encoded(ids, offsets, ends, starts)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
@@ -198,8 +214,6 @@ class HFTokenizer(Tokenizer):
     shows it equals the joined string (byte-level BPE); otherwise each document is encoded
     behind the delimiter it follows in the stream, which keeps the joined-string result
     for SentencePiece-style tokenizers that add a prefix space per segment."""
-
-    unit = "char"
 
     def __init__(self, tokenizer: Any) -> None:
         self._tok = tokenizer
@@ -389,10 +403,6 @@ class AcceleratedTokenizer(Tokenizer):
             setattr(self, attr, getattr(hf, attr))
         self.active: Tokenizer = fast
         self.summary = f"{hf.name} (Hugging Face; encoded by quicktok)"
-
-    @property
-    def unit(self) -> str:  # type: ignore[override]
-        return self.active.unit
 
     def check_sample(self, texts: Sequence[str]) -> bool:
         """Use quicktok only if it gives the HF ids on these texts; returns whether it does."""
