@@ -29,6 +29,7 @@ DEEPSEEK = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<�
             "<｜tool▁output▁end｜>"]
 GPTOSS = ["<|startoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|call|>", "<|return|>",
           "<|constrain|>"]
+PHI4 = ["<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|endoftext|>"]
 MISTRAL = ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
            "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
 
@@ -48,11 +49,15 @@ FAMILIES = {
     "gptoss": ("<|startoftext|>", "<|return|>", GPTOSS),
     "mistral_v3": ("<s>", "</s>", MISTRAL),
     "mistral_v7": ("<s>", "</s>", MISTRAL),
+    "phi4": (None, "<|im_end|>", PHI4),
+    "smollm3": (None, "<|im_end|>", CHATML),  # has {% generation %} markers of its own
+    "smollm3_xml_tools": (None, "<|im_end|>", CHATML),
 }
 TRAINING = ["llama3_training", "qwen2_5_training", "qwen3_training", "gemma3_training", "phi3_training",
             "deepseekv3_training", "deepseek_r1_distill_training", "gptoss_training"]
 for _name in TRAINING:
     FAMILIES[_name] = FAMILIES[_name.removesuffix("_training")]
+TRAINING.append("smollm3")
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
