@@ -333,12 +333,14 @@ def test_an_empty_or_reasoning_only_turn_trains_what_generation_masks_train(base
     assert trained_pieces(template(base), chat) == expected
 
 
+@pytest.mark.parametrize("reasoning", ["train", "rendered"])
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n not in TRAINING])
-def test_a_turn_whose_text_is_not_rendered_trains_its_end_of_turn(name):
+def test_a_turn_whose_text_is_not_rendered_trains_its_end_of_turn(name, reasoning):
     """A turn with only an empty think block: whatever of it the template renders (the block,
-    or nothing where it drops earlier reasoning) is trained through its end-of-turn token."""
+    or nothing where it drops earlier reasoning) is trained through its end-of-turn token; it
+    has no reasoning to drop, so reasoning='rendered' trains it too."""
     chat = CORPUS["empty-think-turn"]
-    t = template(name)
+    t = template(name, reasoning=reasoning)
     doc = t.render(chat)
     u1, u2 = doc.text.index("u1word"), doc.text.index("u2word")
     middle = [doc.text[max(s, u1):min(e, u2)] for s, e in doc.trained if s < u2 and e > u1]

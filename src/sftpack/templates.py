@@ -1047,10 +1047,12 @@ class ChatTemplate:
 
     @staticmethod
     def _dropped_reasoning(message: Message, runs: list[tuple[int, int, bool]]) -> bool:
-        """Whether the message carries reasoning that the template did not render."""
+        """Whether the message carries reasoning that the template did not render (an empty
+        think block, Qwen3's non-thinking output, carries none)."""
         has = any(isinstance(message.get(k), str) and message[k].strip() for k in _REASONING_FIELDS)
         content = message.get("content")
-        has = has or (isinstance(content, str) and _THINK_CLOSE in content)
+        if not has and isinstance(content, str) and _THINK_CLOSE in content:
+            has = bool(content.split(_THINK_CLOSE)[0].replace(_THINK_OPEN, "").strip())
         return has and not any(reasoning for _, _, reasoning in runs)
 
     @staticmethod
