@@ -245,3 +245,26 @@ def test_records_of_one_shape_are_each_checked_against_their_own_rendering(jsonl
     runs = [[LLAMA3.decode(r) for r in trained_runs(ids, mask)] for ids, mask in stored_units(ds, with_mask=True)]
     assert runs == [[" world<|eot_id|>"], [" answer<|eot_id|>"], [" there<|eot_id|>"]]  # " world": one token
     assert "[redacted]" in LLAMA3.decode(stored_units(ds)[1])
+
+
+def test_an_empty_think_turn_trains_its_block_and_end_of_turn(jsonl):
+    """Qwen3's non-thinking output (an empty think block, no text) still trains what the
+    template wrote for it and its <|im_end|>, as the generation masks of qwen3_training do."""
+    rows = [{"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "<think>\n\n</think>\n\n"},
+    ]}] * 2
+    ds = build(jsonl(rows), qwen_like("qwen3"), template="chat", train_on_prompt=False)
+    ids, mask = stored_units(ds, with_mask=True)[0]
+    assert [QWEN3.decode(r) for r in trained_runs(ids, mask)] == ["<think>\n\n</think>\n\n<|im_end|>"]
+
+
+def test_a_template_that_refuses_tool_calls_names_file_line(jsonl):
+    """Phi-4's template reads every message's content: transformers fails on a tool call
+    without content, and so does the build, naming the record."""
+    phi4 = QuicktokTokenizer("qwen3", bos_token=None, eos_token="<|im_end|>",
+                             chat_template=(TEMPLATES / "phi4.jinja").read_text(encoding="utf-8"))
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    path = jsonl([good, TOOL_CHAT])
+    with pytest.raises(InputError, match=rf"^{path}:2: the chat template failed: .*content"):
+        build(path, phi4, template="chat")

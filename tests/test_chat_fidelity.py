@@ -29,6 +29,7 @@ DEEPSEEK = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<�
             "<｜tool▁output▁end｜>"]
 GPTOSS = ["<|startoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|call|>", "<|return|>",
           "<|constrain|>"]
+PHI4 = ["<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|endoftext|>"]
 MISTRAL = ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
            "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
 
@@ -48,11 +49,15 @@ FAMILIES = {
     "gptoss": ("<|startoftext|>", "<|return|>", GPTOSS),
     "mistral_v3": ("<s>", "</s>", MISTRAL),
     "mistral_v7": ("<s>", "</s>", MISTRAL),
+    "phi4": (None, "<|im_end|>", PHI4),
+    "smollm3": (None, "<|im_end|>", CHATML),  # has {% generation %} markers of its own
+    "smollm3_xml_tools": (None, "<|im_end|>", CHATML),
 }
 TRAINING = ["llama3_training", "qwen2_5_training", "qwen3_training", "gemma3_training", "phi3_training",
             "deepseekv3_training", "deepseek_r1_distill_training", "gptoss_training"]
 for _name in TRAINING:
     FAMILIES[_name] = FAMILIES[_name.removesuffix("_training")]
+TRAINING.append("smollm3")
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -93,6 +98,27 @@ CORPUS = {
         {"role": "assistant", "reasoning_content": "Two and two r1word.", "content": "4 a1word"},
         {"role": "user", "content": "3+3? u2word"},
         {"role": "assistant", "reasoning_content": "Three and three r2word.", "content": "6 a2word"},
+    ]),
+    # SmolLM3's system flags: /no_think makes the template write an empty think block into each
+    # assistant turn (and strips the flag); /system_override replaces its whole system header
+    "no-think-flag": Chat([
+        {"role": "system", "content": "Be brief. /no_think s1word"},
+        {"role": "user", "content": "Hi u1word"},
+        {"role": "assistant", "content": "\nHello a1word"},
+        {"role": "user", "content": "Bye u2word"},
+        {"role": "assistant", "content": "Bye a2word"},
+    ]),
+    "system-override": Chat([
+        {"role": "system", "content": "Only this. s1word /system_override"},
+        {"role": "user", "content": "Hi u1word"},
+        {"role": "assistant", "content": "Hello a1word"},
+    ]),
+    # an assistant turn with nothing but an empty think block (Qwen3's non-thinking output)
+    "empty-think-turn": Chat([
+        {"role": "user", "content": "Hi u1word"},
+        {"role": "assistant", "content": "<think>\n\n</think>\n\n"},
+        {"role": "user", "content": "Again u2word"},
+        {"role": "assistant", "content": "Ok a2word"},
     ]),
     "reasoning-in-content": Chat([
         {"role": "user", "content": "2+2? u1word"},
@@ -255,3 +281,110 @@ def test_the_sandbox_is_immutable():
     t = ChatTemplate("{% set x = messages.append(1) %}{{ messages }}", bos_token=None, eos_token=None)
     with pytest.raises(ConfigError, match="the chat template failed"):
         t.render_text(Chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]))
+
+
+def trained_pieces(t: ChatTemplate, chat: Chat) -> list[str]:
+    """sftpack's trained text, piece by piece, with the delimiter EOS where it stands for the
+    template's final end of turn."""
+    doc = t.render(chat)
+    pieces = [doc.text[s:e] for s, e in doc.trained]
+    if doc.train_eos:
+        if pieces and doc.trained[-1][1] == len(doc.text):
+            pieces[-1] += t.eos_token
+        else:
+            pieces.append(t.eos_token)
+    return pieces
+
+
+def transformers_pieces(name: str, chat: Chat) -> list[str]:
+    """The text `return_assistant_tokens_mask` trains, piece by piece, without the newline
+    after an end-of-turn token (sftpack's documented difference: the newline is not the
+    model's output)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    bos, eos, _ = FAMILIES[name]
+    rendered, indices = render_jinja_template(
+        conversations=[copy.deepcopy(chat.messages)], tools=chat.tools, chat_template=source(name),
+        return_assistant_tokens_mask=True, bos_token=bos, eos_token=eos)
+    return [rendered[0][s:e].removesuffix("\n") for s, e in indices[0] if e > s]
+
+
+EMPTY_LAST = {
+    "empty-think-last": Chat([{"role": "user", "content": "Hi u1word"},
+                              {"role": "assistant", "content": "<think>\n\n</think>\n\n"}]),
+    "empty-content-last": Chat([{"role": "user", "content": "Hi u1word"}, {"role": "assistant", "content": ""}]),
+}
+
+
+@pytest.mark.parametrize("base, training, conv", [
+    ("qwen3", "qwen3_training", "empty-think-last"),
+    ("qwen3", "qwen3_training", "empty-content-last"),
+    ("gemma3", "gemma3_training", "empty-think-last"),
+    ("gemma3", "gemma3_training", "empty-content-last"),
+    ("gemma3", "gemma3_training", "empty-think-turn"),
+])
+def test_an_empty_or_reasoning_only_turn_trains_what_generation_masks_train(base, training, conv):
+    """transformers' masks on TRL's *_training templates train such a turn: Qwen3's empty think
+    block the template wrote and the end of turn. sftpack on the template without markers
+    trains the same text (the model must learn to stop)."""
+    chat = EMPTY_LAST.get(conv) or CORPUS[conv]
+    expected = transformers_pieces(training, chat)
+    assert expected and all(p.endswith(FAMILIES[base][1] if base == "qwen3" else "<end_of_turn>") for p in expected)
+    assert trained_pieces(template(base), chat) == expected
+
+
+@pytest.mark.parametrize("reasoning", ["train", "rendered"])
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n not in TRAINING])
+def test_a_turn_whose_text_is_not_rendered_trains_its_end_of_turn(name, reasoning):
+    """A turn with only an empty think block: whatever of it the template renders (the block,
+    or nothing where it drops earlier reasoning) is trained through its end-of-turn token; it
+    has no reasoning to drop, so reasoning='rendered' trains it too."""
+    chat = CORPUS["empty-think-turn"]
+    t = template(name, reasoning=reasoning)
+    doc = t.render(chat)
+    u1, u2 = doc.text.index("u1word"), doc.text.index("u2word")
+    middle = [doc.text[max(s, u1):min(e, u2)] for s, e in doc.trained if s < u2 and e > u1]
+    assert len(middle) == 1, middle
+    specials = FAMILIES[name][2]
+    assert any(middle[0].endswith(x) for x in specials), middle  # its end of turn
+    assert not any(middle[0].startswith(x) for x in ("<|im_start|>", "<start_of_turn>", "<|start_header_id|>")), middle
+
+
+TOOL_TURNS = Chat([
+    {"role": "user", "content": "Weather in Paris and Rome? u1word"},
+    {"role": "assistant", "tool_calls": [call("Paris t1word", "call12345")]},
+    {"role": "tool", "tool_call_id": "call12345", "name": "get_weather", "content": "18 C o1word"},
+    {"role": "assistant", "tool_calls": [call("Rome t2word", "call67890")]},
+    {"role": "tool", "tool_call_id": "call67890", "name": "get_weather", "content": "21 C o2word"},
+    {"role": "assistant", "content": "Paris 18 C, Rome 21 C. a1word"},
+], tools=[WEATHER])
+
+
+@pytest.mark.parametrize("name", ["mistral_v3", "mistral_v7"])
+def test_mistral_tool_calls_are_trained_from_the_tool_calls_token_and_results_are_not(oracle, name):
+    """Mistral templates have no generation prompt: the assistant's output starts after "[/INST]"
+    or "[/TOOL_RESULTS]", so its "[TOOL_CALLS]" token and the call JSON are trained, through
+    the EOS that ends the call; the results are not."""
+    t = template(name)
+    assert t.render_text(TOOL_TURNS) == oracle(name, TOOL_TURNS)
+    doc = t.render(TOOL_TURNS)
+    pieces = [doc.text[s:e] for s, e in doc.trained]
+    assert len(pieces) == 3, pieces
+    for piece, word in zip(pieces[:2], ("t1word", "t2word")):
+        assert piece.startswith("[TOOL_CALLS]") and piece.endswith("</s>") and word in piece
+    assert pieces[2] == "Paris 18 C, Rome 21 C. a1word</s>"
+    trained = "".join(pieces)
+    assert "[TOOL_RESULTS]" not in trained and "[/TOOL_RESULTS]" not in trained and "o1word" not in trained
+    assert "[INST]" not in trained and "[/INST]" not in trained
+
+
+@pytest.mark.parametrize("name", ["smollm3", "smollm3_xml_tools"])
+def test_smollm3_no_think_flag_trains_the_think_block_it_writes(oracle, name):
+    chat = CORPUS["no-think-flag"]
+    expected = oracle(name, chat)
+    assert "Reasoning Mode: /no_think" in expected and "/no_think s1word" not in expected
+    pieces = trained_pieces(template(name), chat)
+    # (SmolLM3's own markers enclose the header and the newline after the end of turn too)
+    answers = [p.split("<think>\n\n</think>\n")[-1].removesuffix("\n") for p in pieces]
+    assert answers == ["Hello a1word<|im_end|>", "Bye a2word<|im_end|>"]
+    assert all("<think>\n\n</think>\n" in p for p in pieces)

@@ -805,7 +805,7 @@ class ChatTemplate:
         self.has_generation = _GENERATION.search(source) is not None
         self._specials = sorted((s for s in special_tokens if s), key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, self._specials))) if self._specials else None
-        self._markers: tuple[list[str], str | None] | None = None
+        self._markers: tuple[list[str], str | None, str] | None = None
         self._skeletons: dict[Any, Skeleton] = {}
         # the fast path (see `_render_filled`): proven from the syntax tree, never assumed
         self._verbatim = (
@@ -863,13 +863,16 @@ class ChatTemplate:
         chat = as_chat(turns)
         return self._render(chat.messages, chat.tools)[0]
 
-    def _turn_markers(self) -> tuple[list[str], str | None]:
+    def _turn_markers(self) -> tuple[list[str], str | None, str]:
         """The generation prompt (what inference writes before the model's turn; with its
-        shorter forms up to a special token) and the end-of-turn text, found once by
-        rendering probes. Empty / None where the template has none or refuses the probe."""
+        shorter forms up to a special token), the end-of-turn text, and what stands between
+        a user's text and the assistant's (the prompt of templates without a generation-prompt
+        branch, such as Mistral's "[/INST]"), found once by rendering probes. Empty / None where the
+        template has none or refuses the probe."""
         if self._markers is None:
             prompts: list[str] = []
             end: str | None = None
+            user_closing = ""
             probe = [{"role": "user", "content": f"{_S0}0{_S1}"}]
             try:
                 bare, _ = self._render(probe, None)
@@ -884,12 +887,14 @@ class ChatTemplate:
                 pass
             try:
                 answered, _ = self._render(probe + [{"role": "assistant", "content": f"{_S0}1{_S1}"}], None)
+                between = answered.split(f"{_S0}0{_S1}")[-1].split(f"{_S0}1{_S1}")
+                user_closing = between[0] if len(between) == 2 else ""
                 after = answered.split(f"{_S0}1{_S1}")[-1] if f"{_S0}1{_S1}" in answered else ""
                 closing = self._special_re.search(after) if self._special_re else None
                 end = after[: closing.end()] if closing else (after.rstrip() or None)
             except ConfigError:
                 pass
-            self._markers = (prompts, end)
+            self._markers = (prompts, end, user_closing)
         return self._markers
 
     def render(self, turns: Chat | Sequence[Any]) -> Rendered:
@@ -1042,10 +1047,12 @@ class ChatTemplate:
 
     @staticmethod
     def _dropped_reasoning(message: Message, runs: list[tuple[int, int, bool]]) -> bool:
-        """Whether the message carries reasoning that the template did not render."""
+        """Whether the message carries reasoning that the template did not render (an empty
+        think block, Qwen3's non-thinking output, carries none)."""
         has = any(isinstance(message.get(k), str) and message[k].strip() for k in _REASONING_FIELDS)
         content = message.get("content")
-        has = has or (isinstance(content, str) and _THINK_CLOSE in content)
+        if not has and isinstance(content, str) and _THINK_CLOSE in content:
+            has = bool(content.split(_THINK_CLOSE)[0].replace(_THINK_OPEN, "").strip())
         return has and not any(reasoning for _, _, reasoning in runs)
 
     @staticmethod
@@ -1090,10 +1097,14 @@ class ChatTemplate:
         occurrences: list[tuple[int, int, int, bool]],
         targets: list[int],
     ) -> list[Span]:
-        """Each trained message from the end of the generation prompt before its first run of
-        text (templates without one, such as Mistral's: from the text itself) to the
-        end-of-turn token after its last."""
-        prompts, end_marker = self._turn_markers()
+        """Each trained message from where the model's output starts (after the generation
+        prompt; templates without one, such as Mistral's: after what closes the turn before,
+        so that "[TOOL_CALLS]" is the assistant's) to the end-of-turn token after its last
+        run of text. A message none of whose text is rendered (empty content, a bare
+        `<think></think>`, tool calls the template drops) is found between its neighbours:
+        its turn is trained as transformers' generation masks train it, down to its end of
+        turn (the model must learn to stop)."""
+        prompts, end_marker, closing = self._turn_markers()
         trained: list[Span] = []
         # occurrences come in text order: a message's first and last, and its neighbours
         first_at: dict[int, int] = {}
@@ -1104,28 +1115,81 @@ class ChatTemplate:
         for i in targets[-1:] if self.last_turn_only else targets:
             a = first_at.get(i)
             if a is None:
+                span = self._runless_region(text, occurrences, i, prompts, end_marker, closing)
+                if span is not None:
+                    trained.append(span)
                 continue
             b = last_at[i]
             first, last = occurrences[a][0], occurrences[b][1]
             before = occurrences[a - 1][1] if a else 0
             after = occurrences[b + 1][0] if b + 1 < len(occurrences) else len(text)
-            start = first
-            for g in prompts:
-                at = text.rfind(g, before, first)
-                if at >= 0:
-                    start = at + len(g)
-                    break
-            end = last
-            at = text.find(end_marker, last, after) if end_marker else -1
-            if at >= 0:
-                end = at + len(end_marker)  # type: ignore[arg-type]
-            elif self._special_re is not None:
-                m = self._special_re.search(text, last, after)
-                if m:
-                    end = m.end()
+            start = self._output_start(text, before, first, prompts, closing, backwards=True)
+            end = self._turn_end(text, last, after, end_marker)
             if end > start:
                 trained.append((start, end))
         return trained
+
+    def _output_start(
+        self, text: str, before: int, limit: int, prompts: list[str], closing: str, backwards: bool
+    ) -> int:
+        """Where the model's output starts in text[before:limit]: after the generation prompt,
+        or (templates without one) after what stands between a user's text and the
+        assistant's, else after the first special token that closes the previous turn (a
+        tool result's) and the assistant header after it; `limit` where none is."""
+        find = text.rfind if backwards else text.find
+        for g in prompts:
+            at = find(g, before, limit)
+            if at >= 0:
+                return at + len(g)
+        if prompts or not before:
+            return limit
+        if closing:
+            at = find(closing, before, limit)
+            if at >= 0:
+                return at + len(closing)
+        m = self._special_re.search(text, before, limit) if self._special_re is not None else None
+        if m is None:
+            return limit
+        # an assistant header after the special token (as after a user turn's): the prompt's
+        header = self._special_re.search(closing) if closing and self._special_re is not None else None
+        rest = closing[header.end() :] if header else ""
+        return m.end() + len(rest) if rest and text.startswith(rest, m.end()) else m.end()
+
+    def _turn_end(self, text: str, last: int, after: int, end_marker: str | None) -> int:
+        """The end of the end-of-turn token after `last` (before `after`); `last` if none."""
+        at = text.find(end_marker, last, after) if end_marker else -1
+        if at >= 0:
+            return at + len(end_marker)  # type: ignore[arg-type]
+        if self._special_re is not None:
+            m = self._special_re.search(text, last, after)
+            if m:
+                return m.end()
+        return last
+
+    def _runless_region(
+        self,
+        text: str,
+        occurrences: list[tuple[int, int, int, bool]],
+        i: int,
+        prompts: list[str],
+        end_marker: str | None,
+        closing: str,
+    ) -> Span | None:
+        """The turn of message i, none of whose text is rendered: between the text of the
+        messages just before and after it, from where the output starts to the end of turn.
+        None where that cannot be told (a neighbour has no text of its own, or the template
+        renders messages out of order)."""
+        before = max((e for _, e, owner, _ in occurrences if owner < i), default=0)
+        after = min((s for s, _, owner, _ in occurrences if owner > i), default=len(text))
+        previous = max((owner for _, _, owner, _ in occurrences if owner < i), default=-1)
+        following = min((owner for _, _, owner, _ in occurrences if owner > i), default=-1)
+        if previous != i - 1 or following not in (i + 1, -1) or after < before:
+            return None
+        start = self._output_start(text, before, after, prompts, closing, backwards=False)
+        if start >= after:
+            return None
+        end = self._turn_end(text, start, after, end_marker)
+        return (start, end) if end > start else None
 
     def _finish(self, text: str, trained: list[Span], content: list[Span]) -> Rendered:
         """Cut the leading BOS string, and for a tokenizer without BOS a trailing EOS string
