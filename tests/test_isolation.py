@@ -179,3 +179,20 @@ def test_rows_holding_several_documents_are_the_ones_checked(jsonl, tmp_path):
     bad = check_isolation(store, rows=4, packed_positions=False)
     assert good.passed and good.shared_rows == 4 and not bad.passed
     assert {d.row for d in good.details}.isdisjoint(range(4))
+
+
+def test_the_model_is_placed_in_another_dtype_from_the_same_weights(tmp_path):
+    """bench/gpu_check.py runs the check in bfloat16 on CUDA: the model there must be the
+    float32 model's weights, cast; a non-floating dtype is refused before a store is read."""
+    import torch
+
+    from sftpack.isolation import tiny_llama
+
+    full, half = tiny_llama(64, 16, seed=3), tiny_llama(64, 16, seed=3, dtype="bfloat16")
+    weights = dict(half.named_parameters())
+    assert all(p.dtype == torch.bfloat16 for p in weights.values())
+    assert all(torch.equal(p.to(torch.bfloat16), weights[name]) for name, p in full.named_parameters())
+    assert not torch.equal(tiny_llama(64, 16, seed=4).lm_head.weight, full.lm_head.weight)
+    for dtype in ("int64", "bool", "no_such_dtype"):
+        with pytest.raises(ConfigError, match="dtype must name a floating torch dtype"):
+            check_isolation(tmp_path / "absent", dtype=dtype)

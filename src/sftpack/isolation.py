@@ -1,7 +1,8 @@
 """Document isolation check: packed rows must score every document as if it were alone.
 
-`check_isolation` runs a tiny randomly initialised Llama (CPU, float32, its config's
-defaults, `use_cache=True` included) over the rows holding the most documents, twice:
+`check_isolation` runs a tiny randomly initialised Llama (CPU and float32 unless `device` /
+`dtype` say otherwise; its config's defaults, `use_cache=True` included) over the rows
+holding the most documents, twice:
 
 - packed: the path sftpack documents for Hugging Face models, as it is run: the rows served
   with `labels="hf"`, batched by `sftpack.hf.DataCollator` (padded, or padding-free with
@@ -76,6 +77,8 @@ class IsolationReport:
     attn_implementation: str = ATTN_IMPLEMENTATION
     padding_free: bool = False
     shared_rows: int = 0  # checked rows holding two or more document pieces: where isolation is at stake
+    device: str = "cpu"
+    dtype: str = "float32"
     details: tuple[PieceResult, ...] = field(default=(), repr=False)
 
     @property
@@ -88,6 +91,8 @@ class IsolationReport:
         path = (
             f"sftpack.hf.DataCollator(padding_free={self.padding_free}) -> model(**batch), {self.attn_implementation}"
         )
+        if (self.device, self.dtype) != ("cpu", "float32"):
+            path += f", {self.device} {self.dtype}"
         return [
             f"isolation check {verdict}",
             f"  path:              {path}",
@@ -101,10 +106,18 @@ class IsolationReport:
 
 
 def tiny_llama(
-    vocab_size: int, max_positions: int, seed: int = 0, attn_implementation: str = ATTN_IMPLEMENTATION
+    vocab_size: int,
+    max_positions: int,
+    seed: int = 0,
+    attn_implementation: str = ATTN_IMPLEMENTATION,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> Any:
-    """A small randomly initialised `LlamaForCausalLM` (float32, CPU, eval mode), its config
-    otherwise transformers' defaults (`use_cache=True`, as a pretrained model's is)."""
+    """A small randomly initialised `LlamaForCausalLM` (eval mode), its config otherwise
+    transformers' defaults (`use_cache=True`, as a pretrained model's is). The weights are
+    drawn in float32 on the CPU from `seed`, then moved to `device` and cast to `dtype`
+    (a torch dtype name), so every device and dtype starts from the same model."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -121,8 +134,32 @@ def tiny_llama(
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype=torch.float32)  # type: ignore[call-arg]
+    model = model.to(device=device, dtype=torch_dtype(dtype))
     model.eval()
     return model
+
+
+def torch_dtype(name: str) -> Any:
+    """The floating torch dtype called `name` ("float32", "bfloat16", ...), else `ConfigError`."""
+    import torch
+
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dtype must name a floating torch dtype (float32, bfloat16, float16), got {name!r}")
+    return dtype
+
+
+def _check_rows(rows: Any) -> None:
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ConfigError(f"rows must be an integer >= 1 (the rows to check), got {rows!r}")
+
+
+def rows_to_check(ds: Any, rows: int) -> list[int]:
+    """The `rows` rows of `ds` holding the most document pieces (first rows on ties), in order."""
+    import numpy as np
+
+    _check_rows(rows)
+    return sorted(np.argsort(-ds.view.pieces_per_row(), kind="stable")[:rows].tolist())
 
 
 def _forward(model: Any, input_ids: Any, position_ids: Any | None) -> Any:
@@ -151,6 +188,8 @@ def check_isolation(
     attn_implementation: str = ATTN_IMPLEMENTATION,
     padding_free: bool = False,
     use_cache: bool | None = False,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> IsolationReport:
     """Check that the store at `path` scores each document piece of `rows` rows (those
     holding the most document pieces) the same packed as alone (see the module docstring).
@@ -160,17 +199,17 @@ def check_isolation(
     (bfd with pad=False) are each compared at their own length. `packed_positions=False`
     runs the packed rows without position_ids (plain causal attention across documents):
     a negative control that must fail on rows holding more than one document.
-    `padding_free` and `use_cache` are the collator's (see the module docstring).
+    `padding_free` and `use_cache` are the collator's (see the module docstring). `device`
+    and `dtype` place the model (`bench/gpu_check.py` runs this on CUDA in bfloat16 too).
     """
-    import numpy as np
     import torch
 
     from .dataset import open_packed
     from .hf import DataCollator
     from .plans import ConcatPlan
 
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise ConfigError(f"rows must be an integer >= 1 (the rows to check), got {rows!r}")
+    _check_rows(rows)  # both before the store is opened
+    torch_dtype(dtype)
     ds = open_packed(path, boundaries=True)  # the plan's own positions and document pieces
     if len(ds) < 1:
         raise ConfigError(f"{path}: the store has no rows to check")
@@ -178,11 +217,11 @@ def check_isolation(
     vocab_size = int(ds.store.manifest["tokenizer"]["vocab_size"])
     # the rows holding the most document pieces (the first rows of a bfd plan hold one split piece each)
     plan = ds.view.plan
-    chosen = sorted(np.argsort(-ds.view.pieces_per_row(), kind="stable")[:rows].tolist())
+    chosen = rows_to_check(ds, rows)
     n_rows = len(chosen)
     rows_of = {r: ds[r] for r in chosen}  # a few rows: the model's logits, not these, need bounding
     max_pos = max(int(item["position_ids"].max()) for item in rows_of.values()) + 1
-    model = tiny_llama(vocab_size, max(L, max_pos), seed, attn_implementation)
+    model = tiny_llama(vocab_size, max(L, max_pos), seed, attn_implementation, device=device, dtype=dtype)
     hf = ds.with_labels("hf")
     collator = DataCollator(padding_free=padding_free, use_cache=use_cache)
 
@@ -198,6 +237,7 @@ def check_isolation(
         items = [rows_of[r] for r in group]
         lengths = [len(item["input_ids"]) for item in items]
         batch = collator([hf[r] for r in group])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         if not packed_positions:
             del batch["position_ids"]
         with torch.no_grad():
@@ -205,12 +245,13 @@ def check_isolation(
         # padded: row r is logits[r, :its length] (the rest is the collator's padding segment)
         packed = torch.split(logits[0], lengths) if padding_free else [logits[k, :n] for k, n in enumerate(lengths)]
         for r, item, packed_logits in zip(group, items, packed):
-            labels, positions = item["labels"], item["position_ids"][None]
+            labels, positions, ids = (item[k].to(device) for k in ("labels", "position_ids", "input_ids"))
+            positions, ids = positions[None], ids[None]
             packed_loss = _token_loss(packed_logits, labels)
             offset = 0
             for k, n in enumerate(item["seq_lens"].tolist()):
                 sl = slice(offset, offset + n)
-                piece_logits = _forward(model, item["input_ids"][None][:, sl], positions[:, sl])[0]
+                piece_logits = _forward(model, ids[:, sl], positions[:, sl])[0]
                 piece_labels = labels[sl]
                 piece_loss = _token_loss(piece_logits, piece_labels)
                 compare = piece_labels != -100
@@ -236,5 +277,7 @@ def check_isolation(
         packed_positions=packed_positions,
         attn_implementation=attn_implementation,
         padding_free=padding_free,
+        device=str(device),
+        dtype=str(dtype),
         details=tuple(details),
     )
