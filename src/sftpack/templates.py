@@ -102,10 +102,22 @@ class Rendered:
     """One document: its text, the trained spans, the user-content spans, and whether the
     delimiter EOS that closes it is trained (for prompt templates: the model must learn to stop)."""
 
-    __slots__ = ("text", "trained", "content", "train_eos")
+    __slots__ = ("text", "trained", "content", "train_eos", "literals", "values")
 
-    def __init__(self, text: str, trained: tuple[Span, ...], content: tuple[Span, ...], train_eos: bool) -> None:
+    def __init__(
+        self,
+        text: str,
+        trained: tuple[Span, ...],
+        content: tuple[Span, ...],
+        train_eos: bool,
+        literals: tuple[str, ...] | None = None,
+        values: list[str] | None = None,
+    ) -> None:
         self.text, self.trained, self.content, self.train_eos = text, trained, content, train_eos
+        # where known (the chat fast path): the text as the template's literal text (one
+        # tuple per conversation shape) with the message text between, literals[0] +
+        # values[0] + literals[1] + ... + literals[-1]
+        self.literals, self.values = literals, values
 
 
 class Chat:
@@ -594,6 +606,13 @@ _TAG = re.compile(r"(</?think>)")
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 
+_SENTINELS = [f"{_S0}{k}{_S1}" for k in range(64)]
+
+
+def _sentinel(k: int) -> str:
+    return _SENTINELS[k] if k < 64 else f"{_S0}{k}{_S1}"
+
+
 class _Runs:
     """The runs of text a skeleton stands in for: (message index, is reasoning, text)."""
 
@@ -606,14 +625,17 @@ class _Runs:
         """`value` with each run of text between `<think>` tags and inside its edge
         whitespace replaced by a sentinel: tags and whitespace stay, so that templates that
         split at `</think>` or strip see the same structure as in the real rendering."""
-        if not value.strip():
-            self.items.append((message, reasoning, value))
-            return f"{_S0}{len(self.items) - 1}{_S1}"
-        if "think>" not in value:  # the common case: one run inside the edge whitespace
-            core = value.strip()
-            at = value.index(core[0])
-            self.items.append((message, reasoning, core))
-            return f"{value[:at]}{_S0}{len(self.items) - 1}{_S1}{value[at + len(core) :]}"
+        core = value.strip()
+        items = self.items
+        if not core:
+            items.append((message, reasoning, value))
+            return _sentinel(len(items) - 1)
+        if "think>" not in core:  # the common case: one run inside the edge whitespace
+            items.append((message, reasoning, core))
+            if len(core) == len(value):
+                return _sentinel(len(items) - 1)
+            at = len(value) - len(value.lstrip())
+            return f"{value[:at]}{_sentinel(len(items) - 1)}{value[at + len(core) :]}"
         out = []
         opens, closes = value.find(_THINK_OPEN), value.find(_THINK_CLOSE)
         # text before a </think> without its opening tag is reasoning too (R1 output starts inside it)
@@ -713,7 +735,7 @@ class _Filled:
     """A skeleton for the fast path: its literal pieces, the runs between them, and each
     `{% generation %}` span's ends as (literal index, offset in it)."""
 
-    __slots__ = ("literals", "ids", "spans", "before", "owners")
+    __slots__ = ("literals", "ids", "spans", "before", "owners", "plan")
 
     def __init__(self, skeleton: str, spans: list[Span]) -> None:
         self.literals, self.ids = _split_skeleton(skeleton)
@@ -727,6 +749,86 @@ class _Filled:
             if k < len(self.ids):
                 pos += len(literal) + len(f"{_S0}{self.ids[k]}{_S1}")
         self.spans = [(_in_literal(bounds, a), _in_literal(bounds, b)) for a, b in spans]
+        self.plan: _Plan | bool | None = None  # the spans as a function of the text: None until derived
+
+    def fill(self, values: list[str]) -> tuple[str, list[Span], list[tuple[int, int, int, bool]]]:
+        """The rendering with `values` at the runs, its generation spans and its runs."""
+        lengths = list(map(len, values))
+        starts = list(map(add, self.before, accumulate(lengths, initial=0)))
+        ends = list(map(add, starts, lengths))
+        pieces: list[str] = [""] * (2 * len(values) + 1)
+        pieces[0::2] = self.literals
+        pieces[1::2] = values
+        occurrences = list(zip(starts, ends, *self.owners))  # type: ignore[misc]
+        generated = []
+        if self.spans:
+            literal_at = [0, *ends]  # where literal k starts: after run k - 1
+            generated = [(literal_at[a] + da, literal_at[b] + db) for (a, da), (b, db) in self.spans]
+        return "".join(pieces), generated, occurrences
+
+
+class _Plan:
+    """A conversation shape's document as a function of its message text: everything
+    `ChatTemplate.render` computes after filling the skeleton (trained spans, content spans,
+    the BOS / EOS cuts) looks only at the literal text between the runs, so its positions
+    are (literal index, offset) pairs, derived once from one rendering and checked on it."""
+
+    __slots__ = ("literals", "lengths", "shift", "cut", "trained", "content", "train_eos")
+
+    def __init__(self, literals: list[str], shift: int, cut: tuple[int, int], rendered: Rendered, at: Any) -> None:
+        k, off = cut
+        # the document's literals: the BOS cut from the first, the EOS cut from the last (k)
+        kept = literals[:k] + [literals[k][:off]]
+        kept[0] = kept[0][shift:]
+        self.literals, self.shift, self.cut, self.train_eos = tuple(kept), shift, k, rendered.train_eos
+        self.lengths = list(map(len, literals))
+        self.trained = [(*at(a), *at(b)) for a, b in rendered.trained]
+        self.content = [(*at(a), *at(b)) for a, b in rendered.content]
+
+    @staticmethod
+    def derive(entry: _Filled, values: list[str], rendered: Rendered, bos: str, eos: str) -> _Plan | None:
+        """The plan of `entry`'s shape from `rendered` (its rendering with `values`), or None
+        where a result may depend on the message text (a BOS / EOS cut that could reach into
+        it, a position inside a run) or the plan does not give `rendered` back."""
+        literals = entry.literals
+        full = entry.fill(values)[0]
+        shift = len(bos) if bos and full.startswith(bos) else 0
+        if bos and len(literals[0]) < len(bos) and (shift or bos.startswith(literals[0])):
+            return None  # the BOS cut may depend on the text after literal 0
+        if eos and not bos and len(literals) > 1 and len(literals[-1].rstrip()) < len(eos):
+            return None  # the EOS cut may reach into the last run
+        starts = list(accumulate((len(lit) + len(v) for lit, v in zip(literals, values)), initial=0))
+
+        def at(position: int) -> tuple[int, int]:
+            p = position + shift
+            for k, start in enumerate(starts):
+                if start <= p <= start + len(literals[k]):
+                    return k, p - start
+            raise _Unaligned
+
+        cut = shift + len(rendered.text)
+        try:
+            plan = _Plan(literals, shift, at(cut - shift), rendered, at)
+        except _Unaligned:
+            return None
+        again = plan.apply(values)
+        same = (again.text, again.trained, again.content, again.train_eos) == (
+            rendered.text,
+            rendered.trained,
+            rendered.content,
+            rendered.train_eos,
+        )
+        return plan if same else None
+
+    def apply(self, values: list[str]) -> Rendered:
+        starts = list(accumulate(map(add, self.lengths, map(len, values)), initial=-self.shift))
+        trained = tuple([(starts[a] + da, starts[b] + db) for a, da, b, db in self.trained])
+        content = tuple([(starts[a] + da, starts[b] + db) for a, da, b, db in self.content])
+        k = self.cut
+        segments: list[str] = [""] * (2 * k + 1)
+        segments[0::2] = self.literals
+        segments[1::2] = values[:k]
+        return Rendered("".join(segments), trained, content, self.train_eos, self.literals, values[:k])
 
 
 def _in_literal(bounds: list[Span], position: int) -> tuple[int, int]:
@@ -905,7 +1007,17 @@ class ChatTemplate:
         filled = self._render_filled(chat)
         occurrences: list[tuple[int, int, int, bool]] | None
         if filled is not None:
-            text, generated, occurrences = filled
+            entry, values = filled
+            if isinstance(entry.plan, _Plan):
+                return entry.plan.apply(values)
+            text, generated, occurrences = entry.fill(values)
+            rendered = self._spans(chat, text, generated, occurrences)
+            if entry.plan is None:
+                plan = _Plan.derive(entry, values, rendered, self.bos_token, self.eos_token)
+                entry.plan = plan if plan is not None else False
+                if plan is not None:
+                    return plan.apply(values)  # the same document, with its literals
+            return rendered
         else:
             try:
                 text, generated = self._render(chat.messages, chat.tools, generation=self.has_generation)
@@ -917,6 +1029,16 @@ class ChatTemplate:
                 chat = Chat(flat, chat.tools, chat.instruction, chat.input)
                 text, generated = self._render(chat.messages, chat.tools, generation=self.has_generation)
             occurrences = self._locate(text, chat)
+        return self._spans(chat, text, generated, occurrences)
+
+    def _spans(
+        self,
+        chat: Chat,
+        text: str,
+        generated: list[Span],
+        occurrences: list[tuple[int, int, int, bool]] | None,
+    ) -> Rendered:
+        """The document from its rendering, its generation spans and its runs of message text."""
         messages = chat.messages
         if occurrences is None:
             if not self.has_generation:
@@ -947,23 +1069,25 @@ class ChatTemplate:
         content = [(s, e) for s, e, _, _ in occurrences]
         return self._finish(text, trained, content)
 
-    def _render_filled(self, chat: Chat) -> tuple[str, list[Span], list[tuple[int, int, int, bool]]] | None:
-        """The fast path: the rendering, its generation spans and the runs of message text,
-        from the skeleton of the conversation's shape filled with its text, without rendering
-        it. Exact where `content_is_verbatim` proved that the template only outputs message
-        text (verbatim or trimmed, never looked at): both renderings then take the same path
-        and differ only in the text standing at the sentinels. Taken for plain conversations
+    def _render_filled(self, chat: Chat) -> tuple[_Filled, list[str]] | None:
+        """The fast path: the skeleton of the conversation's shape and the text to fill it
+        with (`_Filled.fill` gives the rendering, without rendering it). Exact where
+        `content_is_verbatim` proved that the template only outputs message text (verbatim or
+        trimmed, never looked at): both renderings then take the same path and differ only in
+        the text standing at the sentinels. Taken for plain conversations
         (role and non-blank string content, no tools); None elsewhere (render as usual)."""
         if not self._verbatim or chat.tools is not None:
             return None
-        messages = chat.messages
-        for m in messages:
+        runs = _Runs()
+        mark = runs.mark
+        shape = []
+        for i, m in enumerate(chat.messages):
             content = m.get("content")
             # blank text: its whole value is one run, which trim would not give back
             if len(m) != 2 or "role" not in m or type(content) is not str or not content.strip():
                 return None
-        runs = _Runs()
-        key = tuple((m["role"], runs.mark(m["content"], i, False)) for i, m in enumerate(messages))
+            shape.append((m["role"], mark(content, i, False)))
+        key = tuple(shape)
         if key in self._filled:
             entry = self._filled[key]
         else:
@@ -982,19 +1106,7 @@ class ChatTemplate:
             if entry.ids and max(entry.ids) >= len(items):
                 return None
             entry.owners = ([items[r][0] for r in entry.ids], [items[r][1] for r in entry.ids])
-        values = [items[r][2] for r in entry.ids]
-        lengths = list(map(len, values))
-        starts = list(map(add, entry.before, accumulate(lengths, initial=0)))
-        ends = list(map(add, starts, lengths))
-        pieces: list[str] = [""] * (2 * len(values) + 1)
-        pieces[0::2] = entry.literals
-        pieces[1::2] = values
-        occurrences = list(zip(starts, ends, *entry.owners))
-        generated = []
-        if entry.spans:
-            literal_at = [0, *ends]  # where literal k starts: after run k - 1
-            generated = [(literal_at[a] + da, literal_at[b] + db) for (a, da), (b, db) in entry.spans]
-        return "".join(pieces), generated, occurrences
+        return entry, [items[r][2] for r in entry.ids]
 
     def _locate(self, text: str, chat: Chat) -> list[tuple[int, int, int, bool]] | None:
         """(start, end, message, is reasoning) of every rendered run of message text, or None

@@ -20,7 +20,9 @@ when the template says so (prompt templates: the model must learn to stop).
 
 from __future__ import annotations
 
+import functools
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -82,12 +84,17 @@ def encode_documents(
 
     longest = max(map(len, special_ids), default=0)
     strips = tok.special_strips
+    if pattern is not None and not in_context and not strips:
+        items = _segment_items(tok, docs, bos, eos)
+        if items is not None:  # the chat fast path's documents: no split of their text needed
+            enc = tok.encode(items[-1], positions=_positions(tok, train_on_prompt))
+            return _finish_batch(tok, docs, train_on_prompt, False, enc, *items[:-1], 0)
     # parsed specials and the plain split route: injections are counted for the batch at once,
     # from the special-token items the split makes (they are the specials the stream gets)
     deferred = parse_specials and pattern is not None and split is not None and not in_context and not strips
     if deferred and all(s and "\0" not in s for s in special_ids):
         kind_of, value_of, start_of, end_of, per_doc, pieces = _split_batch(split, special_ids, docs, bos, eos)
-        enc = tok.encode(pieces, positions=not train_on_prompt)
+        enc = tok.encode(pieces, positions=_positions(tok, train_on_prompt))
         return _finish_batch(tok, docs, train_on_prompt, True, enc, kind_of, value_of, start_of, end_of, per_doc, 0)
     for doc in docs:
         first_item = len(kinds)
@@ -148,7 +155,7 @@ def encode_documents(
             add(_ID, eos, len(text), -1)
         items_per_doc.append(len(kinds) - first_item)
 
-    positions = not train_on_prompt
+    positions = _positions(tok, train_on_prompt)
     if in_context:
         # the stream's first text is at offset 0 of the joined string only when the first
         # document starts with text (not with a special token written by its template)
@@ -163,6 +170,11 @@ def encode_documents(
     return _finish_batch(
         tok, docs, train_on_prompt, deferred, enc, kinds, values, starts, ends, items_per_doc, special_docs
     )
+
+
+def _positions(tok: Tokenizer, train_on_prompt: bool) -> bool:
+    """Whether the mask needs each token's position from the encoder (not from its id)."""
+    return not train_on_prompt and tok.char_tables is None
 
 
 def _finish_batch(
@@ -263,10 +275,157 @@ def _split_batch(
     )
 
 
+def _segment_items(
+    tok: Tokenizer, docs: Sequence[Rendered], bos: int | None, eos: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]] | None:
+    """The plain split route's items (kinds, values, starts, ends, items per document,
+    texts) from the documents' literals and message text (the chat fast path): the items of
+    a conversation shape are worked out once (`_recipe`), a document's are its shape's
+    shifted by the lengths of its message text. None where a document does not qualify
+    (message text holding a special-token string: the split route splits and counts it)."""
+    search = cast(re.Pattern[str], tok.special_pattern).search
+    recipes = _recipes(tok, bos, eos)
+    shapes: list[_Recipe] = []
+    cums: list[int] = []  # each document's message text lengths, accumulated from 0
+    bases: list[int] = []
+    doc_texts: list[str] = []
+    for doc in docs:
+        if doc.literals is None or doc.values is None:
+            return None
+        if doc.literals in recipes:
+            recipe = recipes[doc.literals]
+        else:
+            if len(recipes) >= 4096:
+                recipes.clear()
+            recipe = recipes[doc.literals] = _recipe(tok, doc.literals, bos, eos)
+        if recipe is None or any(search(v) for v in doc.values):
+            return None
+        shapes.append(recipe)
+        bases.append(len(cums))
+        cums += accumulate(map(len, doc.values), initial=0)
+        doc_texts += [doc.text] * recipe.n_texts
+    per_doc = np.fromiter((r.n_items for r in shapes), dtype=np.int64, count=len(shapes))
+    kinds = np.concatenate([r.kinds for r in shapes])
+    values = np.concatenate([r.ids for r in shapes])
+    offset = np.repeat(np.asarray(bases, dtype=np.int64), per_doc)
+    cum = np.asarray(cums, dtype=np.int64)
+    starts = np.concatenate([r.start for r in shapes]) + cum[np.concatenate([r.start_runs for r in shapes]) + offset]
+    end_runs = np.concatenate([r.end_runs for r in shapes])
+    ends = np.concatenate([r.end for r in shapes]) + cum[end_runs + offset]
+    is_text = kinds == _TEXT
+    values[is_text] = np.arange(int(is_text.sum()))
+    ends[(~is_text) & (end_runs < 0)] = -1  # delimiters
+    text_ends = (
+        np.concatenate([r.text_end for r in shapes])
+        + cum[np.concatenate([r.text_end_runs for r in shapes]) + offset[is_text]]
+    )
+    texts = [t[a:b] for t, a, b in zip(doc_texts, starts[is_text].tolist(), text_ends.tolist())]
+    return kinds, values, starts, ends, per_doc, texts
+
+
+class _Recipe:
+    """A conversation shape's items for one tokenizer: kinds, token ids (text items get
+    their index later), and each item's start (and special tokens' end; text pieces' end)
+    as a constant plus the length of the message text before it (`*_runs`: how many runs)."""
+
+    __slots__ = (
+        "kinds",
+        "ids",
+        "start",
+        "start_runs",
+        "end",
+        "end_runs",
+        "text_end",
+        "text_end_runs",
+        "n_items",
+        "n_texts",
+    )
+
+    def __init__(self, items: list[tuple[int, int, int, int, int, int]], text_ends: list[tuple[int, int]]) -> None:
+        columns = np.asarray(items, dtype=np.int64).reshape(-1, 6).T
+        self.kinds, self.ids, self.start, self.start_runs, self.end, self.end_runs = columns
+        self.kinds = self.kinds.astype(np.int8)
+        self.text_end, self.text_end_runs = np.asarray(text_ends, dtype=np.int64).reshape(-1, 2).T
+        self.n_items, self.n_texts = len(items), len(text_ends)
+
+
+def _recipe(tok: Tokenizer, literals: tuple[str, ...], bos: int | None, eos: int | None) -> _Recipe | None:
+    """The items of documents made of `literals` with message text between (see
+    `_segment_items`); None where a special token could straddle a literal's edge (message
+    text beside it could complete one)."""
+    literal = _literals(tok)
+    ids = tok.special_tokens
+    items: list[tuple[int, int, int, int, int, int]] = []  # kind, id, start, its runs, end, its runs
+    text_ends: list[tuple[int, int]] = []
+    if bos is not None:
+        items.append((_ID, bos, 0, 0, 0, -1))
+    pos = runs = 0  # the position: pos + the length of the first `runs` runs of message text
+    piece = (0, 0)
+    last = len(literals) - 1
+    for k, text in enumerate(literals):
+        runs = k
+        parts, head, tail, inside = literal(text)
+        if (k and head) or (k < last and tail) or (0 < k < last and inside):
+            return None
+        pos += len(parts[0])
+        for j in range(1, len(parts), 2):
+            items.append((_TEXT, 0, *piece, 0, -1))
+            text_ends.append((pos, runs))
+            special = parts[j]
+            items.append((_ID, ids[special], pos, runs, pos + len(special), runs))
+            pos += len(special)
+            piece = (pos, runs)
+            pos += len(parts[j + 1])
+    items.append((_TEXT, 0, *piece, 0, -1))
+    text_ends.append((pos, runs))
+    if eos is not None:
+        items.append((_ID, eos, pos, runs, 0, -1))
+    return _Recipe(items, text_ends)
+
+
+_RECIPES: weakref.WeakKeyDictionary[Tokenizer, dict[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _recipes(tok: Tokenizer, bos: int | None, eos: int | None) -> dict[tuple[str, ...], _Recipe | None]:
+    """`tok`'s recipes by literals (delimiters as given)."""
+    by_delimiters = _RECIPES.setdefault(tok, {})
+    return by_delimiters.setdefault((bos, eos), {})
+
+
+_LITERALS: weakref.WeakKeyDictionary[Tokenizer, Any] = weakref.WeakKeyDictionary()
+
+
+def _literals(tok: Tokenizer) -> Any:
+    """`tok`'s cached view of a template literal: (its split at special tokens, whether it
+    starts with a proper suffix of a special token, ends with a proper prefix of one, or
+    lies inside one): the ways text beside it could complete a special token."""
+    cached = _LITERALS.get(tok)
+    if cached is not None:
+        return cached
+    specials = list(tok.special_tokens)
+    prefixes = {s[:j] for s in specials for j in range(1, len(s))}
+    suffixes = {s[j:] for s in specials for j in range(1, len(s))}
+    longest = max(map(len, specials), default=0)
+    split = cast(Any, tok.special_split)
+
+    @functools.lru_cache(maxsize=4096)
+    def literal(text: str) -> tuple[list[str], bool, bool, bool]:
+        reach = range(1, min(len(text), longest) + 1)
+        return (
+            split(text),
+            any(text[:j] in suffixes for j in reach),
+            any(text[-j:] in prefixes for j in reach),
+            len(text) < longest and any(text in s for s in specials),
+        )
+
+    _LITERALS[tok] = literal
+    return literal
+
+
 def _encode_plain(tok: Tokenizer, docs: Sequence[Rendered], train_on_prompt: bool) -> EncodedBatch:
     """The common case, vectorised: no special-token string anywhere, one text piece per document."""
     n = len(docs)
-    enc = tok.encode([d.text for d in docs], positions=not train_on_prompt)
+    enc = tok.encode([d.text for d in docs], positions=_positions(tok, train_on_prompt))
     slots = ([tok.bos_id] if tok.adds_bos else []) + [None] + ([tok.eos_id] if tok.eos_id is not None else [])
     text_slot = slots.index(None)
     k = len(slots)
@@ -285,7 +444,7 @@ def _encode_plain(tok: Tokenizer, docs: Sequence[Rendered], train_on_prompt: boo
     tokens[~is_delim] = enc.ids
     if train_on_prompt:
         return EncodedBatch(tokens, np.ones(len(tokens), dtype=np.uint8), unit_lengths, 0)
-    if all(len(d.trained) <= 1 for d in docs):  # prompt templates: one response span per document
+    if tok.char_tables is None and all(len(d.trained) <= 1 for d in docs):  # prompt templates: one span each
         mask = np.zeros(len(tokens), dtype=np.uint8)
         mask[~is_delim] = _single_span_mask(tok, docs, enc)
         if tok.eos_id is not None:
@@ -428,6 +587,8 @@ def _mask(
     once: every token's [start, end) in characters, the documents laid `_STRIDE` apart on
     one increasing coordinate; each span then covers one run of tokens, found by two binary
     searches, and the runs are marked."""
+    if tok.char_tables is not None:
+        return _mask_from_ids(tok, docs, enc, kind, value, starts, ends, item_len, doc_of_item)
     start_arr = np.asarray(starts, dtype=np.int64) + doc_of_item * _STRIDE
     end_arr = np.asarray(ends, dtype=np.int64)
     is_text = kind == _TEXT
@@ -457,3 +618,62 @@ def _mask(
 
 
 _STRIDE = 1 << 40  # from one document's start to the next's in `_mask`: more than any document's length
+
+
+def _mask_from_ids(
+    tok: Tokenizer,
+    docs: Sequence[Rendered],
+    enc: Encoded,
+    kind: np.ndarray,
+    value: np.ndarray,
+    starts: Sequence[int] | np.ndarray,
+    ends: Sequence[int] | np.ndarray,
+    item_len: np.ndarray,
+    doc_of_item: np.ndarray,
+) -> np.ndarray:
+    """`_mask` for byte-level engines, from the ids alone: the characters the text tokens
+    begin, accumulated over the batch, rise monotonically, so the token where a span starts
+    or ends inside a text piece is one binary search; nothing is computed per token but that
+    sum and the marks."""
+    begins, inside = cast(tuple[np.ndarray, np.ndarray], tok.char_tables)
+    ids = enc.ids
+    cum = np.cumsum(begins[ids])
+    offsets = enc.offsets
+    base = np.concatenate(([0], cum))[offsets[:-1]]  # characters begun before each piece
+    item_at = np.asarray(starts, dtype=np.int64) + doc_of_item * _STRIDE
+    stream_at = np.concatenate(([0], np.cumsum(item_len)[:-1]))  # each item's first token in the stream
+    is_text = kind == _TEXT
+    spans = [(d * _STRIDE + a, d * _STRIDE + b) for d, doc in enumerate(docs) for a, b in doc.trained if b > a]
+    bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    lo, hi = bounds[:, 0], bounds[:, 1]
+    # the first trained token: in the item holding the span's first character
+    item = np.searchsorted(item_at, lo, side="right") - 1
+    first = stream_at[item].copy()
+    text = is_text[item]
+    piece = value[item[text]]
+    at = np.searchsorted(cum, base[piece] + lo[text] - item_at[item[text]], side="right")  # the first ending after
+    first[text] += at - offsets[piece]
+    # the first token past it: in the item holding the span's last character
+    item = np.searchsorted(item_at, hi - 1, side="right") - 1
+    stop = stream_at[item] + 1
+    text = is_text[item]
+    piece = value[item[text]]
+    target = base[piece] + hi[text] - item_at[item[text]]
+    t = np.searchsorted(cum, target, side="left") + 1  # the token after the one holding the last character
+    end = offsets[piece + 1]
+    while True:  # tokens that begin inside that character (byte-level BPE splits some) hold it too
+        inner = t < end
+        inner[inner] = cum[t[inner] - 1] - inside[ids[t[inner]]] < target[inner]
+        if not inner.any():
+            break
+        t[inner] += 1
+    stop[text] = stream_at[item[text]] + t - offsets[piece]
+    runs = first < stop
+    total = int(stream_at[-1] + item_len[-1]) if len(item_len) else 0
+    marks = np.bincount(first[runs], minlength=total + 1) - np.bincount(stop[runs], minlength=total + 1)
+    mask = np.cumsum(marks[:-1]) > 0
+    # delimiters: BOS never trained; EOS trained when the document's template asks for it
+    delim = np.flatnonzero(~is_text & (np.asarray(ends, dtype=np.int64) < 0))
+    train_eos = np.fromiter((d.train_eos for d in docs), dtype=bool, count=len(docs))
+    mask[stream_at[delim]] = (value[delim] == tok.eos_id) & train_eos[doc_of_item[delim]]
+    return mask.astype(np.uint8)

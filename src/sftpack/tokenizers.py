@@ -96,6 +96,12 @@ class Tokenizer(ABC):
         return _special_pattern(tuple(sorted(self.special_tokens))) if self.special_tokens else None
 
     @property
+    def char_tables(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per id, how many characters its bytes begin and whether its first byte continues
+        one (byte-level engines): a token's characters then follow from the ids alone."""
+        return None
+
+    @property
     def special_split(self) -> Any:
         """`split` that alternates plain text and special-token strings, or None."""
         return None if self.special_pattern is None else self.special_pattern.split
@@ -159,6 +165,10 @@ class QuicktokTokenizer(Tokenizer):
             except KeyError:
                 out.append(None)
         return out
+
+    @property
+    def char_tables(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return self._token_chars
 
     @cached_property
     def _token_chars(self) -> tuple[np.ndarray, np.ndarray]:
@@ -416,6 +426,10 @@ class AcceleratedTokenizer(Tokenizer):
                     f"{self.hf.name} (Hugging Face; encoded by quicktok, identical on {len(texts)} sample texts)"
                 )
         return self.active is self.fast
+
+    @property
+    def char_tables(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return self.active.char_tables
 
     def encode(self, texts: Sequence[str], *, positions: bool = False) -> Encoded:
         return self.active.encode(texts, positions=positions)
