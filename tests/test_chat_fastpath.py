@@ -100,13 +100,32 @@ VERBATIM = [(TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("source", VERBATIM, ids=lambda s: str(hash(s))[-6:])
-@pytest.mark.parametrize("options", [{}, {"last_turn_only": True}, {"reasoning": "mask"}, {"reasoning": "rendered"}])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"last_turn_only": True}, {"reasoning": "mask"}, {"reasoning": "rendered"}, {"bos_token": None}],
+)
 def test_fast_path_renders_what_every_record_rendered_gives(source, options):
     fast, slow = pair(source, **options)
     assert fast.fast_path
     rows = corpus(150)
     assert rendered(fast, rows) == rendered(slow, rows)
     assert fast._filled and not slow._filled  # the fast path was taken, and only there
+    # most records came from their shape's plan (spans derived once per shape), with their pieces
+    plans = [e.plan for e in fast._filled.values() if e is not None]
+    assert any(isinstance(p, templates._Plan) for p in plans)
+    docs = [fast.render([dict(m) for m in row["messages"]]) for row in rows[:40] if _renders(fast, row)]
+    for doc in docs:
+        if doc.literals is not None:  # the text is its literals with the message text between
+            assert len(doc.values) == len(doc.literals) - 1
+            assert "".join(x for pair in zip(doc.literals, [*doc.values, ""]) for x in pair) == doc.text
+
+
+def _renders(template, row) -> bool:
+    try:
+        template.render([dict(m) for m in row["messages"]])
+        return True
+    except ConfigError:
+        return False
 
 
 @pytest.mark.parametrize("source", LOOKING)
@@ -195,3 +214,69 @@ def test_one_split_for_the_batch_equals_one_per_document(train_on_prompt):
     assert batched.special_docs == alone.special_docs > 0
     for field in ("tokens", "mask", "unit_lengths"):
         assert np.array_equal(getattr(batched, field), getattr(alone, field))
+
+
+def _encoded(tok, docs, train_on_prompt):
+    from sftpack.tokenize import encode_documents
+
+    return encode_documents(tok, docs, train_on_prompt=train_on_prompt)
+
+
+def _without_pieces(docs):
+    from sftpack.templates import Rendered
+
+    return [Rendered(d.text, d.trained, d.content, d.train_eos) for d in docs]
+
+
+STRADDLING = (  # literals that text beside them can complete into a special token
+    "{% for m in messages %}<|eot{{ m.content }}_id|>{% endfor %}",
+    "{% for m in messages %}[{{ m.content }}_id|><|start_header_id|>{{ m.role }}{% endfor %}",
+    "{% for m in messages %}<|eot{{ m.content }}\n{% endfor %}",
+    "{% for m in messages %}[{{ m.role }}{{ m.content }}eot_{{ m.content }}{% endfor %}",
+)
+
+
+@pytest.mark.parametrize("train_on_prompt", [True, False])
+@pytest.mark.parametrize("source", ["llama3", *STRADDLING])
+def test_documents_cut_from_their_literals_equal_the_split_of_their_text(source, train_on_prompt, monkeypatch):
+    """The fast path's documents are cut into pieces from their shape's literals (the
+    message text checked); the result must be the split of the text itself, also where a
+    literal could form a special token with the text beside it (then the text is split)."""
+    import sftpack.tokenize as tokenize
+    from sftpack.tokenizers import load_tokenizer
+
+    tok = load_tokenizer("llama3")
+    template = make_template(
+        tok.chat_template if source == "llama3" else source, bos_token=tok.bos_token, eos_token=tok.eos_token,
+        special_tokens=list(tok.special_tokens),
+    )
+    assert template.fast_path
+    rng = random.Random(3)
+    pieces = ["hi", " the", "café", "日本", "🚀", "\n", "<|", "|>", "eot", "_id", "|>x", "<|eot", "_id|>", " "]
+    rows = [
+        [{"role": "user", "content": "q" + "".join(rng.choices(pieces, k=rng.randint(0, 8)))},
+         {"role": "assistant", "content": "a" + "".join(rng.choices(pieces, k=rng.randint(0, 8)))}]
+        for _ in range(300)
+    ]
+    docs = [template.render(r) for r in rows]
+    assert sum(d.literals is not None for d in docs) > 250
+    taken = []
+    original = tokenize._segment_items
+
+    def spy(*args):
+        out = original(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tokenize, "_segment_items", spy)
+    for chunk in (docs[:100], docs[100:200], docs[200:]):
+        clean = [d for d in chunk if not any(tok.special_pattern.search(v) for v in d.values or ["<|eot_id|>"])]
+        assert clean
+        for batch in (chunk, clean):
+            via_literals = _encoded(tok, batch, train_on_prompt)
+            via_split = _encoded(tok, _without_pieces(batch), train_on_prompt)
+            for field in ("tokens", "mask", "unit_lengths"):
+                assert np.array_equal(getattr(via_literals, field), getattr(via_split, field))
+            assert via_literals.special_docs == via_split.special_docs
+    # llama3's literals are safe: clean batches take the literals; straddling ones never do
+    assert any(taken) == (source == "llama3")

@@ -499,3 +499,42 @@ def test_inspect_out_of_range_row_is_exit_code_1(masked_store, capsys, row):
     assert "out of range" in err and f"{n} rows" in err
     assert main(["inspect", str(masked_store), "--row", str(n), "--color", "never"]) == 1
     assert main(["inspect", str(masked_store), "--row", str(n - 1), "--color", "never"]) == 0
+
+
+class _FromPositions:
+    """quicktok seen as an engine without character tables: masks from its positions."""
+
+    char_tables = None
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+_MASK_PIECES = ["a", "b c", " ", "\n", "é", "日本", "🚀", "ﬁ", "<|eot_id|>", "<|start_header_id|>", "<|", "\u0301"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_masks_from_ids_equal_masks_from_token_positions(data):
+    """Byte-level engines find each span's tokens from the ids (the characters the tokens
+    begin); it must equal the any-character rule applied to every token's position,
+    across multi-byte characters split between tokens and special tokens."""
+    from sftpack.templates import Rendered
+    from sftpack.tokenize import encode_documents
+    from sftpack.tokenizers import load_tokenizer
+
+    tok = load_tokenizer("llama3")
+    assert tok.char_tables is not None
+    docs = []
+    for _ in range(data.draw(st.integers(1, 5))):
+        text = "".join(data.draw(st.lists(st.sampled_from(_MASK_PIECES), min_size=1, max_size=12)))
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=6, unique=True)))
+        spans = tuple((a, b) for a, b in zip(cuts[0::2], cuts[1::2]) if b > a)
+        docs.append(Rendered(text, spans, (), data.draw(st.booleans())))
+    ids_route = encode_documents(tok, docs, train_on_prompt=False)
+    positions_route = encode_documents(_FromPositions(tok), docs, train_on_prompt=False)
+    assert np.array_equal(ids_route.tokens, positions_route.tokens)
+    assert np.array_equal(ids_route.mask, positions_route.mask)
