@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import multiprocessing
 import os
 import queue
 import re
@@ -23,16 +24,16 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import xxhash
 
 from . import __version__
 from .config import BuildOptions, resolve_seed
-from .errors import ConfigError, SFTPackError, StoreError
+from .errors import ConfigError, InputError, SFTPackError, StoreError, error_value
 from .plans import PlanStats
-from .records import Inputs, Record, RecordReader, expand_inputs, fingerprint_inputs
+from .records import Inputs, Record, RecordReader, _format_of, expand_inputs, fingerprint_inputs
 from .store import (
     MANIFEST,
     VERSION,
@@ -49,7 +50,7 @@ from .store import (
 )
 from .templates import Rendered, Schema, Template, make_template
 from .tokenize import EncodedBatch, encode_documents
-from .tokenizers import AcceleratedTokenizer, Tokenizer, load_tokenizer
+from .tokenizers import AcceleratedTokenizer, QuicktokTokenizer, Tokenizer, load_tokenizer
 
 BATCH_CHARS = 4 << 20  # rendered characters per tokenizer call
 SAMPLE_DOCS = 256  # documents on which quicktok must match a HF tokenizer before serving it
@@ -187,7 +188,7 @@ def build(
                     # the same tokens, opened by default with this build's plan from now on: no re-tokenizing
                     record_defaults(out, **_recorded_of(options))
             else:
-                summary = _write_store(reader, out, fp, tok, schema, template, options, progress, tokenizer)
+                summary = _write_store(reader, out, fp, tok, schema, template, options, progress, tokenizer, workers)
     except LockUnavailable as exc:
         # a read-only cache or store: an up-to-date store there is still served, as built
         store = None if force else _up_to_date(out, fp)
@@ -303,6 +304,7 @@ def _write_store(
     options: BuildOptions,
     progress: bool | None,
     tokenizer: Any = None,
+    workers: int = 0,
 ) -> BuildSummary:
     """Write the store, and summarize it as `options` plan it before it is published: a
     plan that cannot be made leaves the previous store (or nothing) in place. The engine
@@ -316,8 +318,13 @@ def _write_store(
         else:
             bar = _progress_bar(reader.total_bytes, progress)
             try:
-                on_batch = None if bar is None else lambda: bar.update(reader.bytes_read - bar.n)
-                special_docs = _encode_all(reader, tok, schema, template, options, writer, on_batch=on_batch)
+                procs = _processes(reader, tok, workers)
+                if procs > 1:
+                    done = None if bar is None else bar.update
+                    special_docs = _encode_forked(reader, tok, schema, template, options, writer, procs, done)
+                else:
+                    on_batch = None if bar is None else lambda: bar.update(reader.bytes_read - bar.n)
+                    special_docs = _encode_all(reader, tok, schema, template, options, writer, on_batch=on_batch)
             finally:
                 if bar is not None:
                     bar.close()
@@ -450,7 +457,7 @@ def _encode_all(
     schema: Schema,
     template: Template,
     opts: BuildOptions,
-    writer: StoreWriter,
+    writer: _Sink,
     *,
     kind: str | None = None,
     on_batch: Callable[[], object] | None = None,
@@ -506,6 +513,123 @@ def _encode_all(
             for future in pending:
                 future.cancel()
     return special_docs
+
+
+PROCESS_BYTES = 16 << 20  # inputs smaller than this are built in this process (forking costs more)
+PROCESS_RANGE = 1 << 20, 32 << 20  # the bytes each forked process reads at a time: at least, at most
+_FORKED: tuple[Any, ...] | None = None  # what forked workers work with (set while their pool runs)
+
+
+class _Sink(Protocol):
+    def append(self, tokens: np.ndarray, mask: np.ndarray, unit_lengths: np.ndarray) -> None: ...
+
+    def append_first(self, tokens: np.ndarray, mask: np.ndarray, unit_lengths: np.ndarray) -> None: ...
+
+
+def _processes(reader: RecordReader, tok: Tokenizer, workers: int) -> int:
+    """How many processes read, render and encode: one per core (or `workers`) where that
+    pays and is safe (Linux's fork, quicktok, local plain JSONL of some size), else 1.
+    Rendering is Python (one core per process); quicktok is fork-safe."""
+    if sys.platform != "linux" or type(tok) is not QuicktokTokenizer or reader.total_bytes < PROCESS_BYTES:
+        return 1
+    if not all(isinstance(p, Path) and _format_of(p) == ".jsonl" for p in reader.paths):
+        return 1
+    return workers if workers > 0 else len(os.sched_getaffinity(0))
+
+
+def _encode_forked(
+    reader: RecordReader,
+    tok: Tokenizer,
+    schema: Schema,
+    template: Template,
+    opts: BuildOptions,
+    writer: StoreWriter,
+    procs: int,
+    done: Callable[[int], object] | None,
+) -> int:
+    """`_encode_all` over line-aligned byte ranges of the inputs in `procs` forked processes,
+    appended to `writer` in input order (the same store as one process writes), at most
+    two ranges per process ahead. Errors are raised as one process raises them."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from .distributed import first_kind, plan_shards, shard_error
+
+    global _FORKED
+    least, most = PROCESS_RANGE
+    shards = plan_shards(reader, max(least, min(most, reader.total_bytes // (4 * procs) + 1)))
+    _FORKED = (reader, tok, schema, template, opts, first_kind(reader, schema), token_dtype(tok.vocab_size))
+    special_docs = documents = 0
+    pending: collections.deque[tuple[dict[str, Any], Future[dict[str, Any]]]] = collections.deque()
+    try:
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
+            todo = iter(shards)
+            for shard in todo:
+                pending.append((shard, pool.submit(_encode_shard, shard)))
+                if len(pending) >= 2 * procs:
+                    break
+            while pending:
+                shard, future = pending.popleft()
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    raise SFTPackError(
+                        "a build process died (out of memory?); rebuild with fewer workers (--workers 1: one process)"
+                    ) from None
+                for shard_next in todo:
+                    pending.append((shard_next, pool.submit(_encode_shard, shard_next)))
+                    break
+                if "error" in result:
+                    raise shard_error(result["error"], shard, reader)
+                for batch in result["batches"]:
+                    writer.append(*batch)
+                for batch in result["first"]:
+                    writer.append_first(*batch)
+                documents = (documents if shard["start"] else 0) + result["documents"]
+                if shard["start"] + shard["length"] == shard["size"] and documents == 0:
+                    raise InputError(
+                        reader.paths[shard["file"]], None, "the file holds no documents (it is empty or blank)"
+                    )
+                special_docs += result["special"]
+                if done is not None:
+                    done(shard["length"])
+    finally:
+        for _, future in pending:
+            future.cancel()
+        _FORKED = None
+    return special_docs
+
+
+class _Kept:
+    """A forked worker's sink: the batches, sent back to the building process."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = dtype
+        self.batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.first: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.documents = 0
+
+    def append(self, tokens: np.ndarray, mask: np.ndarray, unit_lengths: np.ndarray) -> None:
+        self.batches.append((tokens.astype(self.dtype), mask, unit_lengths))
+        self.documents += len(unit_lengths)
+
+    def append_first(self, tokens: np.ndarray, mask: np.ndarray, unit_lengths: np.ndarray) -> None:
+        self.first.append((tokens.astype(self.dtype), mask, unit_lengths))
+
+
+def _encode_shard(shard: dict[str, Any]) -> dict[str, Any]:
+    """In a forked worker: one byte range's batches, or the error sftpack raised, as a value."""
+    if _FORKED is None:
+        raise RuntimeError("sftpack's build workers must be forked by the building process")
+    reader, tok, schema, template, opts, kind, dtype = _FORKED
+    tok.threads = 1  # this process's copy: one core each
+    kept = _Kept(dtype)
+    try:
+        records = reader.read_range(shard["file"], shard["start"], shard["length"])
+        special = _encode_all(records, tok, schema, template, opts, kept, kind=kind)
+    except SFTPackError as exc:
+        return {"error": error_value(exc)}
+    return {"batches": kept.batches, "first": kept.first, "special": special, "documents": kept.documents}
 
 
 def _concat_batches(batches: list[EncodedBatch]) -> EncodedBatch:

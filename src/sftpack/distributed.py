@@ -36,7 +36,7 @@ import numpy as np
 
 from . import __version__, errors
 from .config import BuildOptions
-from .errors import ConfigError, InputError, SFTPackError, StoreError, TokenizerError
+from .errors import ConfigError, InputError, SFTPackError, StoreError, TokenizerError, error_value
 from .records import InputFile, RecordReader, RemoteFile, _check_unchanged, _format_of, _open, _stamp_of
 from .store import (
     ALL_ARRAYS,
@@ -163,7 +163,7 @@ def encode_on_ray(
         tokenizer=_portable(tokenizer),
         tokenizer_fingerprint=tok.fingerprint(),
         options=options,
-        kind=_first_kind(reader, schema),
+        kind=first_kind(reader, schema),
     )
     shards = plan_shards(reader)
     _claim_staging(Path(job.staging))
@@ -194,7 +194,7 @@ def encode_on_ray(
         documents = 0  # of the current file
         for shard, result in zip(shards, results):  # the first error in input order, as the local build meets it
             if result["error"]:
-                raise _error(result, shard, reader)
+                raise shard_error(result, shard, reader)
             documents = (documents if shard["start"] else 0) + result["documents"]
             if shard["start"] + shard["length"] == shard["size"] and documents == 0:
                 path = reader.paths[shard["file"]]
@@ -265,7 +265,7 @@ def _mapped(ray: Any, items: list[dict[str, Any]], task: Any) -> Any:
             return ds.map(task, num_cpus=1)
 
 
-def _first_kind(reader: RecordReader, schema: Schema) -> str:
+def first_kind(reader: RecordReader, schema: Schema) -> str:
     """The schema kind, detected on the first record as the local build does (one for all shards)."""
     if schema.name != "auto":
         return schema.name
@@ -322,11 +322,7 @@ def run_shard(job: _Job, shard: dict[str, Any]) -> dict[str, Any]:
             if store is None:
                 store = _write_shard(path, job, shard)
     except SFTPackError as exc:
-        result.update(error=type(exc).__name__, message=str(exc))
-        if isinstance(exc, InputError):
-            where = str(exc)[: -len(exc.reason) - 2]  # "source[:unitLINE]"
-            unit = "" if exc.line is None else where[len(exc.source) + 1 : -len(str(exc.line))]
-            result.update(message=exc.reason, line=-1 if exc.line is None else exc.line, unit=unit)
+        result.update(error_value(exc))
         return {**result, "documents": 0, "special_docs": 0, "supervised": 0, **dict.fromkeys(_LENGTHS, -1)}
     counts, files = store.manifest["counts"], store.manifest["files"]
     lengths = {f"length_{k}": files[k]["length"] if k in files else -1 for k in ALL_ARRAYS}  # -1: none
@@ -548,7 +544,7 @@ def _write_at(path: Path, start: int, values: np.ndarray, hasher: ChunkHasher) -
         os.close(fd)
 
 
-def _error(result: dict[str, Any], shard: dict[str, Any], reader: RecordReader) -> SFTPackError:
+def shard_error(result: dict[str, Any], shard: dict[str, Any], reader: RecordReader) -> SFTPackError:
     """The failed shard's error as the local build raises it: lines counted from the file's start."""
     path = reader.paths[shard["file"]]
     if result["error"] == "InputError":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 class SFTPackError(ValueError):
@@ -16,6 +17,7 @@ class InputError(SFTPackError):
         self.source = str(source)
         self.line = line
         self.reason = message
+        self.unit = unit
         where = self.source if line is None else f"{self.source}:{unit}{line}"
         super().__init__(f"{where}: {message}")
 
@@ -30,3 +32,12 @@ class TokenizerError(SFTPackError):
 
 class StoreError(SFTPackError):
     """A packed store on disk is missing, incomplete, of an unknown version or corrupt."""
+
+
+def error_value(exc: SFTPackError) -> dict[str, Any]:
+    """An error raised in a worker (a process, a Ray task) as a value the builder can
+    receive; `distributed.shard_error` makes it again, located in the whole file."""
+    if isinstance(exc, InputError):
+        line = -1 if exc.line is None else exc.line
+        return {"error": "InputError", "message": exc.reason, "line": line, "unit": exc.unit}
+    return {"error": type(exc).__name__, "message": str(exc), "line": -1, "unit": ""}

@@ -1,0 +1,132 @@
+"""The local build in several forked processes (one per core, by byte ranges of the input):
+the same store as one process builds, the same errors at the same file:line, and nothing
+published when a process dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+import sftpack.build as build_module
+from sftpack.build import BuildOptions, build
+from sftpack.errors import InputError, SFTPackError
+
+WORDS = "the of and to in a is that for café 日本 🚀 <|eot_id|> def return 42".split()
+
+
+@pytest.fixture
+def small_ranges(monkeypatch):
+    """Fork for any input, reading about 4 KB per range (many ranges in a small file)."""
+    monkeypatch.setattr(build_module, "PROCESS_BYTES", 0)
+    monkeypatch.setattr(build_module, "PROCESS_RANGE", (1, 4096))
+
+
+def _chat(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": "Be brief."}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 3)):
+            messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 30)))})
+            messages.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 60)))})
+        rows.append({"messages": messages})
+    return rows
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("train_on_prompt", [True, False])
+def test_processes_build_the_store_one_process_builds(tmp_path, jsonl, small_ranges, train_on_prompt, monkeypatch):
+    a = jsonl(_chat(300), "a.jsonl")
+    b = jsonl(_chat(200, seed=1), "b.jsonl")
+    opts = BuildOptions(seq_length=128, template="chat", train_on_prompt=train_on_prompt, packing="bfd")
+    forked = []
+    original = build_module._encode_forked
+
+    def spy(*args, **kwargs):
+        forked.append(args[6])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "_encode_forked", spy)
+    one = build([a, b], tmp_path / "one", opts, "llama3", workers=1, progress=False)
+    assert not forked
+    two = build([a, b], tmp_path / "two", opts, "llama3", workers=2, progress=False)
+    assert forked == [2]
+    assert (one.documents, one.tokens, one.supervised_tokens, one.special_token_documents) == (
+        two.documents,
+        two.tokens,
+        two.supervised_tokens,
+        two.special_token_documents,
+    )
+    assert one.special_token_documents > 0  # injections counted across ranges too
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+
+
+def test_an_error_in_a_later_range_names_the_file_line(tmp_path, jsonl, small_ranges):
+    rows: list = _chat(200)
+    rows[150] = '{"messages": [{"role": "user", "content": "x"}'  # truncated line
+    path = jsonl(rows)
+    opts = BuildOptions(seq_length=128, template="chat")
+    messages = []
+    for workers in (1, 2):
+        with pytest.raises(InputError) as info:
+            build(path, tmp_path / f"out{workers}", opts, "llama3", workers=workers, progress=False)
+        messages.append(str(info.value))
+        assert not (tmp_path / f"out{workers}").exists()
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(f"{path}:151:")
+    assert os.path.getsize(path) > 4 * 4096  # the line lies in a later range
+
+
+def test_a_blank_file_among_others_is_refused_as_one_process_refuses_it(tmp_path, jsonl, small_ranges):
+    good = jsonl(_chat(100), "a.jsonl")
+    blank = tmp_path / "b.jsonl"
+    blank.write_text("\n\n   \n", encoding="utf-8")
+    for workers in (1, 2):
+        with pytest.raises(InputError, match=rf"^{blank}: the file holds no documents"):
+            build([good, blank], tmp_path / f"out{workers}", BuildOptions(seq_length=64, template="chat"), "llama3",
+                  workers=workers, progress=False)
+
+
+def test_a_process_that_dies_publishes_nothing_and_says_what_to_do(tmp_path, jsonl, small_ranges, monkeypatch):
+    path = jsonl(_chat(200))
+    out = tmp_path / "out"
+    opts = BuildOptions(seq_length=128, template="chat")
+    build(path, out, opts, "llama3", workers=1, progress=False)
+    before = _files(out)
+    monkeypatch.setattr(build_module, "_encode_shard", _dies)
+    changed = jsonl(_chat(200, seed=5))  # another input: the store at `out` must be rebuilt
+    with pytest.raises(SFTPackError, match=r"a build process died.*--workers 1"):
+        build(changed, out, opts, "llama3", workers=2, progress=False)
+    assert _files(out) == before  # the previous store is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "out"]  # no temporary directory left
+
+
+_ENCODE_SHARD = build_module._encode_shard
+
+
+def _dies(shard):  # module-level: the pool sends functions by name
+    if shard["index"] == 2:
+        os._exit(9)  # killed (out of memory, a signal)
+    return _ENCODE_SHARD(shard)
+
+
+def test_small_or_non_jsonl_inputs_stay_in_one_process(tmp_path, jsonl, monkeypatch):
+    rows = _chat(50)
+    small = jsonl(rows)
+    as_json = tmp_path / "data.json"
+    as_json.write_text(json.dumps(rows), encoding="utf-8")
+    calls = []
+    monkeypatch.setattr(build_module, "_encode_forked", lambda *a, **k: calls.append(a))
+    opts = BuildOptions(seq_length=64, template="chat")
+    build(small, tmp_path / "a", opts, "llama3", workers=2, progress=False)  # under PROCESS_BYTES
+    monkeypatch.setattr(build_module, "PROCESS_BYTES", 0)
+    build(as_json, tmp_path / "b", opts, "llama3", workers=2, progress=False)  # not line-splittable
+    build(small, tmp_path / "c", opts, "llama3", workers=1, progress=False)  # one worker asked for
+    assert calls == []
