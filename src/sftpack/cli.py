@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="store directory to write")
     b.add_argument("--tokenizer", default="llama3", help="bundled name, HF tokenizer directory or tokenizer.json")
     _option_flags(b, groups=("plan", "store", "view", "run"))
-    b.add_argument("--workers", type=int, default=0, help="tokenizer threads (0: all cores)")
+    b.add_argument(
+        "--workers", type=int, default=0, help="cores to use, as tokenizer threads or build processes (0: all)"
+    )
     b.add_argument("--force", action="store_true", help="rebuild even if the store is up to date")
     b.add_argument("--quiet", action="store_true", help="no progress bar, no summary (warnings are still shown)")
 
