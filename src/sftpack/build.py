@@ -516,7 +516,9 @@ def _encode_all(
 
 
 PROCESS_BYTES = 16 << 20  # inputs smaller than this are built in this process (forking costs more)
-PROCESS_RANGE = 1 << 20, 32 << 20  # the bytes each forked process reads at a time: at least, at most
+# the bytes a forked process reads at a time, at least and at most: what the building process
+# holds is (processes + 1) ranges' arrays, flat in the input's size
+PROCESS_RANGE = 1 << 20, 4 << 20
 _FORKED: tuple[Any, ...] | None = None  # what forked workers work with (set while their pool runs)
 
 
@@ -549,7 +551,7 @@ def _encode_forked(
 ) -> int:
     """`_encode_all` over line-aligned byte ranges of the inputs in `procs` forked processes,
     appended to `writer` in input order (the same store as one process writes), at most
-    two ranges per process ahead. Errors are raised as one process raises them."""
+    one range per process ahead. Errors are raised as one process raises them."""
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
@@ -566,7 +568,7 @@ def _encode_forked(
             todo = iter(shards)
             for shard in todo:
                 pending.append((shard, pool.submit(_encode_shard, shard)))
-                if len(pending) >= 2 * procs:
+                if len(pending) > procs:
                     break
             while pending:
                 shard, future = pending.popleft()

@@ -314,7 +314,7 @@ def _segment_items(
     ends = np.concatenate([r.end for r in shapes]) + cum[end_runs + offset]
     is_text = kinds == _TEXT
     values[is_text] = np.arange(int(is_text.sum()))
-    ends[(~is_text) & (end_runs < 0)] = -1  # delimiters
+    ends[end_runs < 0] = -1  # text pieces and delimiters: no end, as the split route gives them
     text_ends = (
         np.concatenate([r.text_end for r in shapes])
         + cum[np.concatenate([r.text_end_runs for r in shapes]) + offset[is_text]]
