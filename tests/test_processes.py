@@ -130,3 +130,43 @@ def test_small_or_non_jsonl_inputs_stay_in_one_process(tmp_path, jsonl, monkeypa
     build(as_json, tmp_path / "b", opts, "llama3", workers=2, progress=False)  # not line-splittable
     build(small, tmp_path / "c", opts, "llama3", workers=1, progress=False)  # one worker asked for
     assert calls == []
+
+
+@pytest.mark.parametrize("quicktok_agrees", [True, False])
+def test_a_hugging_face_tokenizer_served_by_quicktok_is_forked_after_its_check(
+    tmp_path, jsonl, small_ranges, monkeypatch, hf_llama3, quicktok_agrees
+):
+    """The HF tokenizer is checked against quicktok on the first documents in the building
+    process (as a one-process build checks its first batch); forked processes then encode
+    with quicktok, or, where it differs, the HF tokenizer encodes in this process."""
+    from sftpack.tokenizers import AcceleratedTokenizer, load_tokenizer
+
+    if not quicktok_agrees:
+
+        def differs(self, texts):
+            self.active = self.hf
+            return False
+
+        monkeypatch.setattr(AcceleratedTokenizer, "check_sample", differs)
+    template = str(Path(__file__).parent / "data" / "chat_templates" / "llama3_1.jinja")
+    path = jsonl(_chat(300))
+    opts = BuildOptions(seq_length=128, template=template, train_on_prompt=False)
+    in_parent = []
+    original = build_module._encode_all
+
+    def spy(*args, **kwargs):
+        in_parent.append(kwargs.get("sample", True))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "_encode_all", spy)
+    stores = {}
+    for workers in (1, 2):
+        tok = load_tokenizer(hf_llama3)
+        assert isinstance(tok, AcceleratedTokenizer)
+        in_parent.clear()
+        build(path, tmp_path / f"out{workers}", opts, tok, workers=workers, progress=False)
+        assert (tok.active is tok.fast) == quicktok_agrees
+        if workers == 2:  # forked: the parent encodes nothing, unless the HF tokenizer must
+            assert in_parent == ([] if quicktok_agrees else [False])
+        stores[workers] = _files(tmp_path / f"out{workers}")
+    assert stores[1] == stores[2]

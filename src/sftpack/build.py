@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import xxhash
@@ -461,13 +461,15 @@ def _encode_all(
     *,
     kind: str | None = None,
     on_batch: Callable[[], object] | None = None,
+    sample: bool = True,
 ) -> int:
     """Read and render in one thread, encode in this one (the tokenizer's threads do the
     work), check ids and append to the store in a third, in order, at most two batches behind.
     Every engine's stage: the local build runs it on all records, a Ray task on one shard's.
+    `sample`: check quicktok against the HF tokenizer it serves on the first batch.
     Returns how many documents hold special-token strings in their user content."""
     special_docs = 0
-    first_batch = True
+    first_batch = sample
     pending: collections.deque[Future[None]] = collections.deque()
 
     def store(batch: EncodedBatch, first: EncodedBatch | None, records: list[Record]) -> None:
@@ -532,11 +534,33 @@ def _processes(reader: RecordReader, tok: Tokenizer, workers: int) -> int:
     """How many processes read, render and encode: one per core (or `workers`) where that
     pays and is safe (Linux's fork, quicktok, local plain JSONL of some size), else 1.
     Rendering is Python (one core per process); quicktok is fork-safe."""
-    if sys.platform != "linux" or type(tok) is not QuicktokTokenizer or reader.total_bytes < PROCESS_BYTES:
+    if sys.platform != "linux" or _engine(tok) is None or reader.total_bytes < PROCESS_BYTES:
         return 1
     if not all(isinstance(p, Path) and _format_of(p) == ".jsonl" for p in reader.paths):
         return 1
     return workers if workers > 0 else len(os.sched_getaffinity(0))
+
+
+def _engine(tok: Tokenizer) -> QuicktokTokenizer | None:
+    """The quicktok engine that encodes for `tok` (itself, or the one serving a HF tokenizer)."""
+    if type(tok) is QuicktokTokenizer:
+        return tok
+    if type(tok) is AcceleratedTokenizer and type(tok.fast) is QuicktokTokenizer:
+        return tok.fast
+    return None
+
+
+def _sampled(reader: RecordReader, tok: Tokenizer, schema: Schema, template: Template, kind: str) -> bool:
+    """Whether quicktok serves `tok` after the check on the first documents (as the first
+    batch of a one-process build checks them): a HF tokenizer it differs from is used alone."""
+    if not isinstance(tok, AcceleratedTokenizer):
+        return True
+    docs = []
+    for record in RecordReader(reader.paths):
+        docs.append(_render(record, schema, kind, template).text)
+        if len(docs) == SAMPLE_DOCS:
+            break
+    return tok.check_sample(docs)
 
 
 def _encode_forked(
@@ -560,7 +584,10 @@ def _encode_forked(
     global _FORKED
     least, most = PROCESS_RANGE
     shards = plan_shards(reader, max(least, min(most, reader.total_bytes // (4 * procs) + 1)))
-    _FORKED = (reader, tok, schema, template, opts, first_kind(reader, schema), token_dtype(tok.vocab_size))
+    kind = first_kind(reader, schema)
+    if not _sampled(reader, tok, schema, template, kind):  # the HF tokenizer encodes: in this process
+        return _encode_all(reader, tok, schema, template, opts, writer, sample=False)
+    _FORKED = (reader, tok, schema, template, opts, kind, token_dtype(tok.vocab_size))
     special_docs = documents = 0
     pending: collections.deque[tuple[dict[str, Any], Future[dict[str, Any]]]] = collections.deque()
     try:
@@ -624,11 +651,11 @@ def _encode_shard(shard: dict[str, Any]) -> dict[str, Any]:
     if _FORKED is None:
         raise RuntimeError("sftpack's build workers must be forked by the building process")
     reader, tok, schema, template, opts, kind, dtype = _FORKED
-    tok.threads = 1  # this process's copy: one core each
+    cast(QuicktokTokenizer, _engine(tok)).threads = 1  # this process's copy: one core each
     kept = _Kept(dtype)
     try:
         records = reader.read_range(shard["file"], shard["start"], shard["length"])
-        special = _encode_all(records, tok, schema, template, opts, kept, kind=kind)
+        special = _encode_all(records, tok, schema, template, opts, kept, kind=kind, sample=False)
     except SFTPackError as exc:
         return {"error": error_value(exc)}
     return {"batches": kept.batches, "first": kept.first, "special": special, "documents": kept.documents}
