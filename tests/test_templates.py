@@ -153,6 +153,17 @@ def test_explicit_schema_missing_its_field_is_an_input_error(jsonl):
         build(path, schema="messages", template="chat")
 
 
+def test_files_of_two_schemas_name_the_schema_the_record_has(jsonl):
+    chat = jsonl([messages(("user", "q"), ("assistant", "a"))], "chat.jsonl")
+    share = jsonl([{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}], "share.jsonl")
+    with pytest.raises(InputError, match=rf"^{share}:1: field 'messages' is missing: this record is sharegpt data, "
+                       "but the messages schema detected on the first record applies to every input"):
+        build([chat, share], template="chat")
+    broken = jsonl([messages(("user", "q"), ("assistant", "a")), {"question": "p"}], "broken.jsonl")
+    with pytest.raises(InputError, match=rf"^{broken}:2: field 'messages' is missing$"):  # no schema of its own
+        build(broken, template="chat")
+
+
 def test_unknown_schema_is_a_config_error(jsonl):
     with pytest.raises(ConfigError, match="schema"):
         build(jsonl([{"prompt": "p", "response": "r"}]), schema="csv")

@@ -25,7 +25,7 @@ from typing import Any
 
 import xxhash
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .records import Record
 from .verbatim import content_is_verbatim
 
@@ -197,6 +197,26 @@ class Schema:
 
     def turns(self, record: Record, schema: str) -> Chat:
         """The record's conversation (`InputError` naming file:line and the message)."""
+        try:
+            return self._turns(record, schema)
+        except InputError as exc:
+            if self.name != "auto" or not exc.reason.endswith(" is missing"):
+                raise
+            try:
+                own = self.detect(record)
+            except InputError:
+                raise exc from None
+            if own == schema:
+                raise
+            raise InputError(
+                exc.source,
+                exc.line,
+                f"{exc.reason}: this record is {own} data, but the {schema} schema detected on the first record "
+                "applies to every input; build the files of each schema separately",
+                exc.unit,
+            ) from None
+
+    def _turns(self, record: Record, schema: str) -> Chat:
         f = self.fields
         if schema == "prompt_response":
             prompt, response = _text(record, f["prompt"]), _text(record, f["response"])
