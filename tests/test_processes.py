@@ -170,3 +170,118 @@ def test_a_hugging_face_tokenizer_served_by_quicktok_is_forked_after_its_check(
             assert in_parent == ([] if quicktok_agrees else [False])
         stores[workers] = _files(tmp_path / f"out{workers}")
     assert stores[1] == stores[2]
+
+
+def test_two_forked_builds_at_once_in_one_process_each_build_their_own_store(tmp_path, jsonl, small_ranges):
+    """Each pool's workers get their own build's state as they are forked (a module global
+    shared by two builds in two threads once mixed their options)."""
+    import threading
+
+    a = jsonl(_chat(200), "a.jsonl")
+    b = jsonl(_chat(150, seed=2), "b.jsonl")
+    jobs = {
+        "a": (a, BuildOptions(seq_length=128, template="chat")),
+        "b": (b, BuildOptions(seq_length=256, template="chat", train_on_prompt=False)),
+    }
+    for name, (path, opts) in jobs.items():
+        build(path, tmp_path / f"ref_{name}", opts, "llama3", workers=1, progress=False)
+    failures = []
+
+    def run(name):
+        path, opts = jobs[name]
+        try:
+            build(path, tmp_path / f"out_{name}", opts, "llama3", workers=2, progress=False)
+        except Exception as exc:  # reported below
+            failures.append(repr(exc))
+
+    for _ in range(3):
+        threads = [threading.Thread(target=run, args=(name,)) for name in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failures == []
+        for name in jobs:
+            assert _files(tmp_path / f"out_{name}") == _files(tmp_path / f"ref_{name}")
+
+
+_SCRIPT = """
+import os, signal, sys, time
+sys.path.insert(0, {tests!r})
+import sftpack.build as b
+from sftpack.cli import main
+b.PROCESS_BYTES = 0
+b.PROCESS_RANGE = (1, {range_bytes})
+encode = b._encode_shard
+
+def slow(shard):
+    with open({pids!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    if {mode!r} == "worker dies" and shard["index"] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer does
+    if {mode!r} == "parent killed":
+        time.sleep(0.5)
+    return encode(shard)
+
+b._encode_shard = slow
+sys.exit(main(["build", {data!r}, "--out", {out!r}, "--template", "chat", "--seq-length", "64", "--quiet",
+               "--workers", "2"]))
+"""
+
+
+def _script(tmp_path, data, mode, range_bytes=4096):
+    import subprocess
+    import sys
+
+    code = _SCRIPT.format(tests=str(Path(__file__).parent), pids=str(tmp_path / "pids"), mode=mode, data=str(data),
+                          out=str(tmp_path / "out"), range_bytes=range_bytes)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0  # a zombie is dead
+
+
+def test_a_worker_killed_fails_the_command_line_build_at_once(tmp_path, jsonl):
+    """The pool ends the other workers with SIGTERM: they must not run the command line's
+    SIGTERM handler (one caught writing its result retried forever, and the build hung)."""
+    data = jsonl(_chat(3000))  # ranges whose results outgrow a pipe's buffer: a worker blocks writing one
+    proc = _script(tmp_path, data, "worker dies", range_bytes=1 << 19)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except Exception:
+        proc.kill()
+        raise
+    assert proc.returncode == 1 and "a build process died" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_build_takes_its_workers_with_it(tmp_path, jsonl):
+    """SIGKILL of the building process: its workers die too (they held its lock, and the
+    next build of the same --out waited for them forever), and the next build succeeds."""
+    import signal
+    import time
+
+    data = jsonl(_chat(400))
+    proc = _script(tmp_path, data, "parent killed")
+    pids: set[int] = set()
+    for _ in range(200):
+        if (tmp_path / "pids").exists():
+            pids = {int(p) for p in (tmp_path / "pids").read_text().split()}
+        if len(pids) >= 2:
+            break
+        time.sleep(0.05)
+    assert len(pids) >= 2, proc.communicate(timeout=60)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+    summary = build(data, tmp_path / "out", BuildOptions(seq_length=64, template="chat"), "llama3", workers=1,
+                    progress=False)
+    assert summary.documents == 400

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import queue
 import re
+import signal
 import sys
 import threading
 import time
@@ -521,7 +522,7 @@ PROCESS_BYTES = 16 << 20  # inputs smaller than this are built in this process (
 # the bytes a forked process reads at a time, at least and at most: what the building process
 # holds is (processes + 1) ranges' arrays, flat in the input's size
 PROCESS_RANGE = 1 << 20, 4 << 20
-_FORKED: tuple[Any, ...] | None = None  # what forked workers work with (set while their pool runs)
+_FORKED: tuple[Any, ...] | None = None  # in a forked worker: what its build hands it (`_start_worker`)
 
 
 class _Sink(Protocol):
@@ -581,17 +582,18 @@ def _encode_forked(
 
     from .distributed import first_kind, plan_shards, shard_error
 
-    global _FORKED
     least, most = PROCESS_RANGE
     shards = plan_shards(reader, max(least, min(most, reader.total_bytes // (4 * procs) + 1)))
     kind = first_kind(reader, schema)
     if not _sampled(reader, tok, schema, template, kind):  # the HF tokenizer encodes: in this process
         return _encode_all(reader, tok, schema, template, opts, writer, sample=False)
-    _FORKED = (reader, tok, schema, template, opts, kind, token_dtype(tok.vocab_size))
+    # handed to the workers as they are forked (not pickled, not shared with another build)
+    state = (reader, tok, schema, template, opts, kind, token_dtype(tok.vocab_size))
     special_docs = documents = 0
     pending: collections.deque[tuple[dict[str, Any], Future[dict[str, Any]]]] = collections.deque()
+    context = multiprocessing.get_context("fork")
     try:
-        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(procs, context, _start_worker, (state, os.getpid())) as pool:
             todo = iter(shards)
             for shard in todo:
                 pending.append((shard, pool.submit(_encode_shard, shard)))
@@ -625,8 +627,26 @@ def _encode_forked(
     finally:
         for _, future in pending:
             future.cancel()
-        _FORKED = None
     return special_docs
+
+
+def _start_worker(state: tuple[Any, ...], parent: int) -> None:
+    """A forked worker's start: its build's state; signals left to the building process
+    (Ctrl-C is its to handle, SIGTERM ends a worker at once, as the pool stops them), and
+    death with it (Linux's parent-death signal): a killed build leaves no worker holding
+    its lock and temporary files."""
+    global _FORKED
+    _FORKED = state
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the building process died before that took effect
+        os._exit(1)
 
 
 class _Kept:
