@@ -602,18 +602,40 @@ def _mask(
     lo[text_tok] = piece_lo + _token_starts(enc)
     hi[text_tok] = piece_lo + cast(np.ndarray, enc.ends)
     hi = np.maximum(hi, lo + 1)  # zero-width tokens attach to the next character
+    span_lo, span_hi = _spans(docs)
+    first = np.searchsorted(hi, span_lo, side="right")  # the first token ending after the span starts
+    stop = np.searchsorted(lo, span_hi, side="left")  # the first token starting at or after its end
+    return _marked(tok, docs, first, stop, kind, value, end_arr, item_len, doc_of_item)
+
+
+def _spans(docs: Sequence[Rendered]) -> tuple[np.ndarray, np.ndarray]:
+    """Every non-empty trained span's start and end, the documents `_STRIDE` apart."""
     spans = [(d * _STRIDE + a, d * _STRIDE + b) for d, doc in enumerate(docs) for a, b in doc.trained if b > a]
     bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-    first = np.searchsorted(hi, bounds[:, 0], side="right")  # the first token ending after the span starts
-    stop = np.searchsorted(lo, bounds[:, 1], side="left")  # the first token starting at or after its end
+    return bounds[:, 0], bounds[:, 1]
+
+
+def _marked(
+    tok: Tokenizer,
+    docs: Sequence[Rendered],
+    first: np.ndarray,
+    stop: np.ndarray,
+    kind: np.ndarray,
+    value: np.ndarray,
+    ends: np.ndarray,
+    item_len: np.ndarray,
+    doc_of_item: np.ndarray,
+) -> np.ndarray:
+    """The mask with tokens [first, stop) of every span trained, and the delimiters: BOS
+    never trained, EOS trained when the document's template asks for it."""
+    stream_at = np.concatenate(([0], np.cumsum(item_len)[:-1]))  # each item's first token in the stream
+    total = int(item_len.sum())
     runs = first < stop
-    marks = np.bincount(first[runs], minlength=len(lo) + 1) - np.bincount(stop[runs], minlength=len(lo) + 1)
+    marks = np.bincount(first[runs], minlength=total + 1) - np.bincount(stop[runs], minlength=total + 1)
     mask = np.cumsum(marks[:-1]) > 0
-    # delimiters: BOS never trained; EOS trained when the document's template asks for it
-    delim = np.flatnonzero(~is_text & (end_arr < 0))
+    delim = np.flatnonzero((kind != _TEXT) & (ends < 0))
     train_eos = np.fromiter((d.train_eos for d in docs), dtype=bool, count=len(docs))
-    first_token = np.concatenate(([0], np.cumsum(item_len)[:-1]))
-    mask[first_token[delim]] = (value[delim] == tok.eos_id) & train_eos[doc_of_item[delim]]
+    mask[stream_at[delim]] = (value[delim] == tok.eos_id) & train_eos[doc_of_item[delim]]
     return mask.astype(np.uint8)
 
 
@@ -643,9 +665,7 @@ def _mask_from_ids(
     item_at = np.asarray(starts, dtype=np.int64) + doc_of_item * _STRIDE
     stream_at = np.concatenate(([0], np.cumsum(item_len)[:-1]))  # each item's first token in the stream
     is_text = kind == _TEXT
-    spans = [(d * _STRIDE + a, d * _STRIDE + b) for d, doc in enumerate(docs) for a, b in doc.trained if b > a]
-    bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-    lo, hi = bounds[:, 0], bounds[:, 1]
+    lo, hi = _spans(docs)
     # the first trained token: in the item holding the span's first character
     item = np.searchsorted(item_at, lo, side="right") - 1
     first = stream_at[item].copy()
@@ -668,12 +688,4 @@ def _mask_from_ids(
             break
         t[inner] += 1
     stop[text] = stream_at[item[text]] + t - offsets[piece]
-    runs = first < stop
-    total = int(stream_at[-1] + item_len[-1]) if len(item_len) else 0
-    marks = np.bincount(first[runs], minlength=total + 1) - np.bincount(stop[runs], minlength=total + 1)
-    mask = np.cumsum(marks[:-1]) > 0
-    # delimiters: BOS never trained; EOS trained when the document's template asks for it
-    delim = np.flatnonzero(~is_text & (np.asarray(ends, dtype=np.int64) < 0))
-    train_eos = np.fromiter((d.train_eos for d in docs), dtype=bool, count=len(docs))
-    mask[stream_at[delim]] = (value[delim] == tok.eos_id) & train_eos[doc_of_item[delim]]
-    return mask.astype(np.uint8)
+    return _marked(tok, docs, first, stop, kind, value, np.asarray(ends, dtype=np.int64), item_len, doc_of_item)
