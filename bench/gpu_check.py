@@ -219,8 +219,8 @@ def main() -> int:
             f"max|logit diff| {logit:.3g} (tol {tol_logit:g})"
         )
 
-    missing_flash = flash_attn_missing()
-    for dtype in args.dtypes.split(","):
+    def collator_cases(label: str, attn: str, dtype: str) -> None:
+        """The documented HF path, padded and padding-free, with attention `attn`."""
         for padding_free in (False, True):
             t = time.perf_counter()
             rep = check_isolation(
@@ -229,15 +229,20 @@ def main() -> int:
                 args.seed,
                 tolerances(dtype)[0],
                 padding_free=padding_free,
+                attn_implementation=attn,
                 device=args.device,
                 dtype=dtype,
             )
             if not rep.shared_rows:
                 raise SystemExit("no checked row holds two documents: isolation is untested; pick another store")
             record(
-                f"(a) sdpa, DataCollator(padding_free={padding_free})", dtype, rep.max_abs_diff, rep.max_abs_logit_diff
+                f"{label}, DataCollator(padding_free={padding_free})", dtype, rep.max_abs_diff, rep.max_abs_logit_diff
             )
             log(f"      {rep.pieces} pieces, {rep.tokens} tokens compared, {time.perf_counter() - t:.1f} s")
+
+    missing_flash = flash_attn_missing()
+    for dtype in args.dtypes.split(","):
+        collator_cases("(a) sdpa", "sdpa", dtype)
         rep = check_isolation(store, args.rows, args.seed, packed_positions=False, device=args.device, dtype=dtype)
         record("control: sdpa, no position_ids (must differ)", dtype, rep.max_abs_diff, rep.max_abs_logit_diff, True)
         t = time.perf_counter()
@@ -254,23 +259,7 @@ def main() -> int:
             control=True,
         )
         if missing_flash is None and args.device.startswith("cuda") and dtype != "float32":
-            for padding_free in (False, True):
-                rep = check_isolation(
-                    store,
-                    args.rows,
-                    args.seed,
-                    tolerances(dtype)[0],
-                    padding_free=padding_free,
-                    attn_implementation="flash_attention_2",
-                    device=args.device,
-                    dtype=dtype,
-                )
-                record(
-                    f"(c) flash_attention_2, DataCollator(padding_free={padding_free})",
-                    dtype,
-                    rep.max_abs_diff,
-                    rep.max_abs_logit_diff,
-                )
+            collator_cases("(c) flash_attention_2", "flash_attention_2", dtype)
     if missing_flash is not None:
         log(f"SKIP  (c) flash_attention_2: not checked, {missing_flash}")
     elif not args.device.startswith("cuda"):
