@@ -49,7 +49,7 @@ from .store import (
     target_lock,
     token_dtype,
 )
-from .templates import Rendered, Schema, Template, make_template
+from .templates import ChatTemplate, Planned, Rendered, Schema, Template, make_template
 from .tokenize import EncodedBatch, encode_documents
 from .tokenizers import AcceleratedTokenizer, QuicktokTokenizer, Tokenizer, load_tokenizer
 
@@ -395,27 +395,48 @@ def _batches(
     template: Template,
     specials: re.Pattern[str] | None,
     kind: str | None = None,
-) -> Iterator[tuple[list[Record], list[Rendered], bool]]:
+    planned: bool = False,
+) -> Iterator[tuple[list[Record], list[Rendered] | Planned, bool]]:
     """Batches of (records, rendered documents, whether any holds a special-token string).
-    `kind`: the schema kind (default: detected on the first record)."""
+    `kind`: the schema kind (default: detected on the first record). With `planned`, a batch
+    of plain conversations whose shapes have plans comes unrendered (`Planned`; its flag
+    is not computed), and is rendered as soon as a record of it needs rendering."""
     records: list[Record] = []
     docs: list[Rendered] = []
+    plain = template.plain if planned and isinstance(template, ChatTemplate) else None
+    role_key, text_key = schema.fields["role"], schema.fields["content"]
+    fast = Planned()
     size = 0
     has_specials = False
     for record in reader:
         if kind is None:
             kind = schema.detect(record)
-        doc = _render(record, schema, kind, template)
+        found = None
+        if plain is not None and not docs:
+            messages = schema.plain(record, kind)
+            if messages is not None:
+                found = plain(messages, role_key, text_key)
+        if found is not None:
+            plan, values = found
+            fast.plans.append(plan)
+            fast.values.append(values)
+            size += plan.chars + sum(map(len, values[: plan.cut]))
+        else:
+            if fast:  # the batch is rendered from here on
+                docs = fast.rendered()
+                fast = Planned()
+                has_specials = specials is not None and any(specials.search(d.text) for d in docs)
+            doc = _render(record, schema, kind, template)
+            docs.append(doc)
+            size += len(doc.text)
+            if not has_specials and specials is not None and specials.search(doc.text):
+                has_specials = True
         records.append(record)
-        docs.append(doc)
-        size += len(doc.text)
-        if not has_specials and specials is not None and specials.search(doc.text):
-            has_specials = True
         if size >= BATCH_CHARS:
-            yield records, docs, has_specials
-            records, docs, size, has_specials = [], [], 0, False
-    if docs:
-        yield records, docs, has_specials
+            yield records, fast if fast else docs, has_specials
+            records, docs, fast, size, has_specials = [], [], Planned(), 0, False
+    if records:
+        yield records, fast if fast else docs, has_specials
 
 
 def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -482,10 +503,13 @@ def _encode_all(
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftpack-write") as write:
         try:
-            for records, docs, has_specials in _prefetch(_batches(stream, schema, template, tok.special_pattern, kind)):
+            # plain conversations come unrendered where the encoder takes them so (per-piece-exact tokenizers)
+            batches = _batches(stream, schema, template, tok.special_pattern, kind, planned=tok.per_piece_exact)
+            for records, docs, has_specials in _prefetch(batches):
                 try:
                     if first_batch and isinstance(tok, AcceleratedTokenizer):
-                        tok.check_sample([d.text for d in docs[:SAMPLE_DOCS]])
+                        head = docs.rendered(SAMPLE_DOCS) if isinstance(docs, Planned) else docs[:SAMPLE_DOCS]
+                        tok.check_sample([d.text for d in head])
                     encode = functools.partial(
                         encode_documents,
                         tok,
@@ -498,10 +522,13 @@ def _encode_all(
                     first = (
                         None
                         if tok.per_piece_exact
-                        else _concat_batches([encode([doc], first_in_stream=True) for doc in docs])
+                        else _concat_batches(
+                            [encode([doc], first_in_stream=True) for doc in cast(list[Rendered], docs)]
+                        )
                     )
                 except Exception:
-                    _check_encodable(records, docs)  # raises the located error when that is the cause
+                    # raises the located error when that is the cause
+                    _check_encodable(records, docs.rendered() if isinstance(docs, Planned) else docs)
                     raise
                 first_batch = False
                 special_docs += batch.special_docs

@@ -216,6 +216,18 @@ class Schema:
                 exc.unit,
             ) from None
 
+    def plain(self, record: Record, schema: str) -> list[Any] | None:
+        """The record's message list where `ChatTemplate.plain` may take it (messages data
+        without tools); None otherwise (`turns` reads the record)."""
+        if schema != "messages":
+            return None
+        data = record.data
+        tools = data.get(self.fields["tools"])
+        if tools is not None and tools != "":
+            return None
+        messages = data.get(self.fields["messages"])
+        return messages if type(messages) is list and messages else None
+
     def _turns(self, record: Record, schema: str) -> Chat:
         f = self.fields
         if schema == "prompt_response":
@@ -793,7 +805,7 @@ class _Plan:
     the BOS / EOS cuts) looks only at the literal text between the runs, so its positions
     are (literal index, offset) pairs, derived once from one rendering and checked on it."""
 
-    __slots__ = ("literals", "lengths", "shift", "cut", "trained", "content", "train_eos")
+    __slots__ = ("literals", "lengths", "chars", "shift", "cut", "trained", "content", "train_eos")
 
     def __init__(self, literals: list[str], shift: int, cut: tuple[int, int], rendered: Rendered, at: Any) -> None:
         k, off = cut
@@ -801,6 +813,7 @@ class _Plan:
         kept = literals[:k] + [literals[k][:off]]
         kept[0] = kept[0][shift:]
         self.literals, self.shift, self.cut, self.train_eos = tuple(kept), shift, k, rendered.train_eos
+        self.chars = sum(map(len, kept))  # the document's length less its message text
         self.lengths = list(map(len, literals))
         self.trained = [(*at(a), *at(b)) for a, b in rendered.trained]
         self.content = [(*at(a), *at(b)) for a, b in rendered.content]
@@ -849,6 +862,24 @@ class _Plan:
         segments[0::2] = self.literals
         segments[1::2] = values[:k]
         return Rendered("".join(segments), trained, content, self.train_eos, self.literals, values[:k])
+
+
+class Planned:
+    """A batch of plain conversations, not rendered: each one's shape plan and its message
+    text in the order the plan takes it (`ChatTemplate.plain`). The encoder works from these
+    alone; `rendered()` gives the documents where it cannot."""
+
+    __slots__ = ("plans", "values")
+
+    def __init__(self) -> None:
+        self.plans: list[_Plan] = []
+        self.values: list[list[str]] = []
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def rendered(self, limit: int | None = None) -> list[Rendered]:
+        return [plan.apply(values) for plan, values in zip(self.plans[:limit], self.values[:limit])]
 
 
 def _in_literal(bounds: list[Span], position: int) -> tuple[int, int]:
@@ -936,6 +967,7 @@ class ChatTemplate:
             and _S1 not in source + self.bos_token + self.eos_token
         )
         self._filled: dict[Any, _Filled | None] = {}
+        self._plans: dict[tuple[Any, ...], tuple[_Plan, list[int] | None] | None] = {}  # by `plain`'s shapes
 
     @property
     def fast_path(self) -> bool:
@@ -1127,6 +1159,61 @@ class ChatTemplate:
                 return None
             entry.owners = ([items[r][0] for r in entry.ids], [items[r][1] for r in entry.ids])
         return entry, [items[r][2] for r in entry.ids]
+
+    def plain(
+        self, messages: list[Any], role_key: str = "role", text_key: str = "content"
+    ) -> tuple[_Plan, list[str]] | None:
+        """The shape plan and the message text (in the plan's order) that `render` would apply
+        to these raw messages, found without building the conversation: for plain messages
+        (a role and non-blank string content alone, no think tag) of a shape with a plan;
+        None otherwise (render the record). The shape is what `_render_filled` keys its
+        skeletons by: the roles, and each content's edge whitespace."""
+        if not self._verbatim or role_key == text_key:
+            return None
+        key: list[Any] = []
+        cores: list[str] = []
+        for m in messages:
+            if type(m) is not dict or len(m) != 2:
+                return None
+            role, content = m.get(role_key), m.get(text_key)
+            if type(content) is not str or type(role) is not str:
+                return None
+            core = content.strip()
+            if not core or "think>" in core:
+                return None
+            if len(core) == len(content):
+                key.append(role)
+            else:
+                at = len(content) - len(content.lstrip())
+                key.append((role, content[:at], content[at + len(core) :]))
+            cores.append(core)
+        shape = tuple(key)
+        if shape not in self._plans:
+            if len(self._plans) >= 4096:
+                self._plans.clear()
+            self._plans[shape] = self._plan_of([{"role": m[role_key], "content": m[text_key]} for m in messages])
+        found = self._plans[shape]
+        if found is None:
+            return None
+        plan, order = found
+        return plan, cores if order is None else [cores[r] for r in order]
+
+    def _plan_of(self, messages: list[Message]) -> tuple[_Plan, list[int] | None] | None:
+        """The plan of a plain conversation's shape, derived and checked on it by `render`,
+        and the order its runs take the messages' text (None: message order)."""
+        roles = [m["role"] for m in messages]
+        if "assistant" not in roles or any(r not in ROLES for r in roles):
+            return None  # `Schema.turns` reports it
+        chat = Chat(messages)
+        try:
+            self.render(chat)
+        except ConfigError:
+            return None  # the record's own rendering reports it
+        filled = self._render_filled(chat)
+        if filled is None or not isinstance(filled[0].plan, _Plan):
+            return None
+        ids = filled[0].ids
+        return filled[0].plan, None if ids == list(range(len(messages))) else ids
 
     def _locate(self, text: str, chat: Chat) -> list[tuple[int, int, int, bool]] | None:
         """(start, end, message, is reasoning) of every rendered run of message text, or None

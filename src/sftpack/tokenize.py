@@ -25,12 +25,12 @@ import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, chain
 from typing import Any, cast
 
 import numpy as np
 
-from .templates import Rendered, Span
+from .templates import Planned, Rendered, Span
 from .tokenizers import Encoded, Tokenizer
 
 
@@ -47,7 +47,7 @@ _TEXT, _ID = 0, 1
 
 def encode_documents(
     tok: Tokenizer,
-    docs: Sequence[Rendered],
+    docs: Sequence[Rendered] | Planned,
     *,
     train_on_prompt: bool = True,
     parse_specials: bool = True,
@@ -55,8 +55,15 @@ def encode_documents(
     has_specials: bool | None = None,
 ) -> EncodedBatch:
     """Encode a batch of documents into units (see the module docstring). `has_specials`
-    (whether any document holds a special-token string) saves a scan when known."""
+    (whether any document holds a special-token string) saves a scan when known. Plain
+    conversations not yet rendered (`Planned`) are encoded from their plans."""
     pattern = tok.special_pattern
+    if isinstance(docs, Planned):
+        if tok.per_piece_exact and pattern is not None and not tok.special_strips:
+            planned = _encode_planned(tok, docs, train_on_prompt)
+            if planned is not None:
+                return planned
+        docs, has_specials = docs.rendered(), None
     if has_specials is None:
         has_specials = pattern is not None and any(pattern.search(d.text) for d in docs)
     if tok.per_piece_exact and not has_specials:
@@ -179,7 +186,7 @@ def _positions(tok: Tokenizer, train_on_prompt: bool) -> bool:
 
 def _finish_batch(
     tok: Tokenizer,
-    docs: Sequence[Rendered],
+    docs: Sequence[Rendered] | _Targets,
     train_on_prompt: bool,
     deferred: bool,
     enc: Encoded,
@@ -191,7 +198,8 @@ def _finish_batch(
     special_docs: int,
 ) -> EncodedBatch:
     """The batch's tokens, units and mask from its items (text pieces and token ids in
-    stream order) and the encoded text pieces."""
+    stream order) and the encoded text pieces. `docs`: the documents, or (for a batch
+    encoded from its plans, never `deferred`) what the mask needs of them."""
     kind = np.asarray(kinds, dtype=np.int8)
     value = np.asarray(values, dtype=np.int64)
     is_text = kind == _TEXT
@@ -208,13 +216,18 @@ def _finish_batch(
     doc_of_item = np.repeat(np.arange(len(docs)), items_per_doc)
     if deferred:
         special_docs = _injected_docs(
-            docs, kind, np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64), doc_of_item
+            cast(Sequence[Rendered], docs),
+            kind,
+            np.asarray(starts, dtype=np.int64),
+            np.asarray(ends, dtype=np.int64),
+            doc_of_item,
         )
     unit_lengths = np.bincount(doc_of_item, weights=item_len, minlength=len(docs)).astype(np.int64)
     if train_on_prompt:
         mask = np.ones(len(tokens), dtype=np.uint8)
     else:
-        mask = _mask(tok, docs, enc, kind, value, starts, ends, item_len, doc_of_item)
+        targets = docs if isinstance(docs, _Targets) else _Targets.of(docs)
+        mask = _mask(tok, targets, enc, kind, value, starts, ends, item_len, doc_of_item)
     return EncodedBatch(tokens, mask, unit_lengths, special_docs)
 
 
@@ -323,6 +336,98 @@ def _segment_items(
     return kinds, values, starts, ends, per_doc, texts
 
 
+def _encode_planned(tok: Tokenizer, batch: Planned, train_on_prompt: bool) -> EncodedBatch | None:
+    """`_segment_items`' route for documents not rendered: the items, text pieces and
+    trained spans of each conversation shape in the batch, for all its documents at once,
+    from the plan's literals and the lengths of the message text; the pieces are made of
+    their literal text and runs of message text. None where the split route must take the
+    batch (a run holding a special-token string, a shape whose recipe is refused or has no
+    special token)."""
+    bos = tok.bos_id if tok.adds_bos else None
+    eos = tok.eos_id
+    if cast(re.Pattern[str], tok.special_pattern).search("\0".join(chain.from_iterable(batch.values))):
+        return None  # (no special-token string holds NUL: a match is inside a run)
+    recipes = _recipes(tok, bos, eos)
+    delimiters = (bos is not None) + (eos is not None)
+    groups: dict[Any, list[int]] = {}
+    for d, plan in enumerate(batch.plans):
+        groups.setdefault(plan, []).append(d)
+    shapes = []
+    n = len(batch.plans)
+    n_items = np.empty(n, dtype=np.int64)
+    n_texts = np.empty(n, dtype=np.int64)
+    for plan, group in groups.items():
+        recipe = recipes.get(plan.literals)
+        if recipe is None:
+            if len(recipes) >= 4096:
+                recipes.clear()
+            recipe = recipes[plan.literals] = _recipe(tok, plan.literals, bos, eos)
+        if recipe is None or recipe.n_items - recipe.n_texts == delimiters:
+            return None
+        n_items[group], n_texts[group] = recipe.n_items, recipe.n_texts
+        shapes.append((plan, recipe, np.asarray(group, dtype=np.int64)))
+    item_at = np.zeros(n + 1, dtype=np.int64)  # each document's first item, its first text piece
+    np.cumsum(n_items, out=item_at[1:])
+    text_at = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(n_texts, out=text_at[1:])
+    kinds = np.empty(int(item_at[-1]), dtype=np.int8)
+    values = np.empty(int(item_at[-1]), dtype=np.int64)
+    starts = np.empty(int(item_at[-1]), dtype=np.int64)
+    ends = np.empty(int(item_at[-1]), dtype=np.int64)
+    pieces: list[str] = []  # by shape, then by form, then by document
+    order = np.empty(int(text_at[-1]), dtype=np.int64)  # the text pieces in stream order, as indices into it
+    span_lo, span_hi = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    train_eos = np.empty(n, dtype=bool)
+    for plan, recipe, members in shapes:
+        runs = [batch.values[d] for d in members.tolist()]
+        g, k, width = len(members), plan.cut, len(runs[0])
+        lengths = np.fromiter(map(len, chain.from_iterable(runs)), dtype=np.int64, count=g * width).reshape(g, width)
+        cum = np.zeros((g, k + 1), dtype=np.int64)  # message text before each literal of the document
+        np.cumsum(lengths[:, :k], axis=1, out=cum[:, 1:])
+        at = item_at[members][:, None] + np.arange(recipe.n_items)
+        kinds[at] = recipe.kinds
+        is_text = recipe.kinds == _TEXT
+        ids = np.broadcast_to(recipe.ids, at.shape).copy()
+        ids[:, is_text] = text_at[members][:, None] + np.arange(recipe.n_texts)
+        values[at] = ids
+        starts[at] = recipe.start + cum[:, recipe.start_runs]
+        ends[at] = np.where(recipe.end_runs < 0, -1, recipe.end + cum[:, recipe.end_runs])
+        order[text_at[members][:, None] + np.arange(recipe.n_texts)] = (
+            len(pieces) + np.arange(recipe.n_texts) * g + np.arange(g)[:, None]
+        )
+        for head, between, after in recipe.forms:
+            pieces += _planned_texts(head, between, after, runs)
+        train_eos[members] = plan.train_eos
+        if not train_on_prompt and plan.trained:
+            # the plan's spans are (literal, offset) pairs: where each literal starts, per document
+            starts_of = np.empty((g, width + 1), dtype=np.int64)
+            starts_of[:, 0] = -plan.shift
+            np.cumsum(lengths + np.asarray(plan.lengths[:width]), axis=1, out=starts_of[:, 1:])
+            starts_of[:, 1:] -= plan.shift
+            a, da, b, db = np.asarray(plan.trained, dtype=np.int64).T
+            stride = members[:, None] * _STRIDE
+            span_lo.append((starts_of[:, a] + da + stride).ravel())
+            span_hi.append((starts_of[:, b] + db + stride).ravel())
+    texts = list(map(pieces.__getitem__, order.tolist()))
+    enc = tok.encode(texts, positions=_positions(tok, train_on_prompt))
+    lo, hi = np.concatenate(span_lo), np.concatenate(span_hi)
+    targets = _Targets(lo[hi > lo], hi[hi > lo], train_eos)
+    return _finish_batch(tok, targets, train_on_prompt, False, enc, kinds, values, starts, ends, n_items, 0)
+
+
+def _planned_texts(head: str, between: range, after: list[str], runs: list[list[str]]) -> list[str]:
+    """One text piece of a shape for each document: `head`, then for each j in `between`
+    the document's run j and the literal text after it."""
+    if not between:
+        return [head] * len(runs)
+    if len(between) == 1:
+        j, tail = between[0], after[0]
+        if not tail:
+            return [run[j] for run in runs] if not head else [head + run[j] for run in runs]
+        return [f"{head}{run[j]}{tail}" for run in runs]
+    return ["".join([head, *chain.from_iterable(zip([run[j] for j in between], after))]) for run in runs]
+
+
 class _Recipe:
     """A conversation shape's items for one tokenizer: kinds, token ids (text items get
     their index later), and each item's start (and special tokens' end; text pieces' end)
@@ -339,14 +444,32 @@ class _Recipe:
         "text_end_runs",
         "n_items",
         "n_texts",
+        "forms",
     )
 
-    def __init__(self, items: list[tuple[int, int, int, int, int, int]], text_ends: list[tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        literals: tuple[str, ...],
+        items: list[tuple[int, int, int, int, int, int]],
+        text_ends: list[tuple[int, int]],
+    ) -> None:
         columns = np.asarray(items, dtype=np.int64).reshape(-1, 6).T
         self.kinds, self.ids, self.start, self.start_runs, self.end, self.end_runs = columns
         self.kinds = self.kinds.astype(np.int8)
         self.text_end, self.text_end_runs = np.asarray(text_ends, dtype=np.int64).reshape(-1, 2).T
         self.n_items, self.n_texts = len(items), len(text_ends)
+        # each text piece as the literal text and runs it is made of: head, then run j and the
+        # literal text after it for each j in runs (`_planned_texts` builds them)
+        before = list(accumulate(map(len, literals), initial=0))  # literal text before literal k
+        starts = [(int(a), int(r)) for k, a, r in zip(self.kinds, self.start, self.start_runs) if k == _TEXT]
+        self.forms: list[tuple[str, range, list[str]]] = []
+        for (a, r1), (b, r2) in zip(starts, text_ends):
+            head, tail = a - before[r1], b - before[r2]
+            if r1 == r2:
+                self.forms.append((literals[r1][head:tail], range(0), []))
+            else:
+                after = [*literals[r1 + 1 : r2], literals[r2][:tail]]
+                self.forms.append((literals[r1][head:], range(r1, r2), after))
 
 
 def _recipe(tok: Tokenizer, literals: tuple[str, ...], bos: int | None, eos: int | None) -> _Recipe | None:
@@ -380,7 +503,7 @@ def _recipe(tok: Tokenizer, literals: tuple[str, ...], bos: int | None, eos: int
     text_ends.append((pos, runs))
     if eos is not None:
         items.append((_ID, eos, pos, runs, 0, -1))
-    return _Recipe(items, text_ends)
+    return _Recipe(literals, items, text_ends)
 
 
 _RECIPES: weakref.WeakKeyDictionary[Tokenizer, dict[Any, Any]] = weakref.WeakKeyDictionary()
@@ -459,7 +582,15 @@ def _encode_plain(tok: Tokenizer, docs: Sequence[Rendered], train_on_prompt: boo
         starts[:, -1] = lengths
     ends = np.full(n * k, -1, dtype=np.int64)
     mask = _mask(
-        tok, docs, enc, kind, value.ravel(), starts.ravel(), ends, item_len.ravel(), np.repeat(np.arange(n), k)
+        tok,
+        _Targets.of(docs),
+        enc,
+        kind,
+        value.ravel(),
+        starts.ravel(),
+        ends,
+        item_len.ravel(),
+        np.repeat(np.arange(n), k),
     )
     return EncodedBatch(tokens, mask, unit_lengths, 0)
 
@@ -574,7 +705,7 @@ def _concat(a: Encoded, b: Encoded) -> Encoded:
 
 def _mask(
     tok: Tokenizer,
-    docs: Sequence[Rendered],
+    targets: _Targets,
     enc: Encoded,
     kind: np.ndarray,
     value: np.ndarray,
@@ -588,7 +719,7 @@ def _mask(
     one increasing coordinate; each span then covers one run of tokens, found by two binary
     searches, and the runs are marked."""
     if tok.char_tables is not None:
-        return _mask_from_ids(tok, docs, enc, kind, value, starts, ends, item_len, doc_of_item)
+        return _mask_from_ids(tok, targets, enc, kind, value, starts, ends, item_len, doc_of_item)
     start_arr = np.asarray(starts, dtype=np.int64) + doc_of_item * _STRIDE
     end_arr = np.asarray(ends, dtype=np.int64)
     is_text = kind == _TEXT
@@ -602,22 +733,34 @@ def _mask(
     lo[text_tok] = piece_lo + _token_starts(enc)
     hi[text_tok] = piece_lo + cast(np.ndarray, enc.ends)
     hi = np.maximum(hi, lo + 1)  # zero-width tokens attach to the next character
-    span_lo, span_hi = _spans(docs)
-    first = np.searchsorted(hi, span_lo, side="right")  # the first token ending after the span starts
-    stop = np.searchsorted(lo, span_hi, side="left")  # the first token starting at or after its end
-    return _marked(tok, docs, first, stop, kind, value, end_arr, item_len, doc_of_item)
+    first = np.searchsorted(hi, targets.lo, side="right")  # the first token ending after the span starts
+    stop = np.searchsorted(lo, targets.hi, side="left")  # the first token starting at or after its end
+    return _marked(tok, targets, first, stop, kind, value, end_arr, item_len, doc_of_item)
 
 
-def _spans(docs: Sequence[Rendered]) -> tuple[np.ndarray, np.ndarray]:
-    """Every non-empty trained span's start and end, the documents `_STRIDE` apart."""
-    spans = [(d * _STRIDE + a, d * _STRIDE + b) for d, doc in enumerate(docs) for a, b in doc.trained if b > a]
-    bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-    return bounds[:, 0], bounds[:, 1]
+@dataclass
+class _Targets:
+    """What a batch's mask needs of its documents: every non-empty trained span's start and
+    end (the documents `_STRIDE` apart), and whether each document's EOS is trained."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    train_eos: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.train_eos)
+
+    @staticmethod
+    def of(docs: Sequence[Rendered]) -> _Targets:
+        spans = [(d * _STRIDE + a, d * _STRIDE + b) for d, doc in enumerate(docs) for a, b in doc.trained if b > a]
+        bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        train_eos = np.fromiter((d.train_eos for d in docs), dtype=bool, count=len(docs))
+        return _Targets(bounds[:, 0], bounds[:, 1], train_eos)
 
 
 def _marked(
     tok: Tokenizer,
-    docs: Sequence[Rendered],
+    targets: _Targets,
     first: np.ndarray,
     stop: np.ndarray,
     kind: np.ndarray,
@@ -634,8 +777,7 @@ def _marked(
     marks = np.bincount(first[runs], minlength=total + 1) - np.bincount(stop[runs], minlength=total + 1)
     mask = np.cumsum(marks[:-1]) > 0
     delim = np.flatnonzero((kind != _TEXT) & (ends < 0))
-    train_eos = np.fromiter((d.train_eos for d in docs), dtype=bool, count=len(docs))
-    mask[stream_at[delim]] = (value[delim] == tok.eos_id) & train_eos[doc_of_item[delim]]
+    mask[stream_at[delim]] = (value[delim] == tok.eos_id) & targets.train_eos[doc_of_item[delim]]
     return mask.astype(np.uint8)
 
 
@@ -644,7 +786,7 @@ _STRIDE = 1 << 40  # from one document's start to the next's in `_mask`: more th
 
 def _mask_from_ids(
     tok: Tokenizer,
-    docs: Sequence[Rendered],
+    targets: _Targets,
     enc: Encoded,
     kind: np.ndarray,
     value: np.ndarray,
@@ -665,7 +807,7 @@ def _mask_from_ids(
     item_at = np.asarray(starts, dtype=np.int64) + doc_of_item * _STRIDE
     stream_at = np.concatenate(([0], np.cumsum(item_len)[:-1]))  # each item's first token in the stream
     is_text = kind == _TEXT
-    lo, hi = _spans(docs)
+    lo, hi = targets.lo, targets.hi
     # the first trained token: in the item holding the span's first character
     item = np.searchsorted(item_at, lo, side="right") - 1
     first = stream_at[item].copy()
@@ -688,4 +830,4 @@ def _mask_from_ids(
             break
         t[inner] += 1
     stop[text] = stream_at[item[text]] + t - offsets[piece]
-    return _marked(tok, docs, first, stop, kind, value, np.asarray(ends, dtype=np.int64), item_len, doc_of_item)
+    return _marked(tok, targets, first, stop, kind, value, np.asarray(ends, dtype=np.int64), item_len, doc_of_item)
