@@ -16,6 +16,7 @@ import sftpack.templates as templates
 from sftpack import PackedSFTDataset
 from sftpack.errors import ConfigError
 from sftpack.templates import make_template
+from sftpack.tokenize import encode_documents
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 SPECIALS = ["<s>", "</s>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<end_of_turn>", "<|end|>"]
@@ -280,3 +281,134 @@ def test_documents_cut_from_their_literals_equal_the_split_of_their_text(source,
             assert via_literals.special_docs == via_split.special_docs
     # llama3's literals are safe: clean batches take the literals; straddling ones never do
     assert any(taken) == (source == "llama3")
+
+
+# templates whose runs do not take the messages in order, or take one twice
+REORDERING = (
+    "{% for m in messages if m.role != 'system' %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+    "{{ m.content }}<|eot_id|>{% endfor %}{% for m in messages if m.role == 'system' %}"
+    "<|start_header_id|>system<|end_header_id|>{{ m.content }}<|eot_id|>{% endfor %}",
+    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>{{ m.content }}<|eot_id|>"
+    "{% if loop.last %}[{{ m.content }}]{% endif %}{% endfor %}",
+)
+PLANNED = [(TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+           for name in ("llama3", "llama3_training", "phi3", "phi3_training", "phi4", "gemma")]
+PLANNED += [*OWN, *REORDERING, *STRADDLING]
+
+
+def plain_rows(n: int, seed: int, specials: bool = False) -> list[list[dict]]:
+    """Plain conversations (role and non-blank string content): shapes of 1-3 exchanges,
+    with or without a system prompt, edge whitespace, unicode; some text holding a special token."""
+    rng = random.Random(seed)
+    words = ["hi", "the", "café", "日本", "🚀", "x\ny", "{{x}}", "\u29830\u2984", "\t", "  "]
+    if specials:
+        words += ["<|eot_id|>", "<|end|>", "<s>"]
+
+    def text() -> str:
+        body = "w" + "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(rng.randint(0, 6)))
+        return rng.choice(["", "", " ", "\n"]) + body + rng.choice(["", "", " ", "\n\n"])
+
+    rows = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": text()}] if rng.random() < 0.4 else []
+        for _ in range(rng.randint(1, 3)):
+            messages += [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]
+        rows.append(messages)
+    return rows
+
+
+@pytest.mark.parametrize("train_on_prompt", [True, False])
+@pytest.mark.parametrize("tokenizer", ["llama3", "qwen3"])
+@pytest.mark.parametrize("source", PLANNED, ids=lambda s: str(hash(s))[-6:])
+def test_plain_conversations_encoded_from_their_plans_equal_their_rendered_documents(
+    source, tokenizer, train_on_prompt, monkeypatch
+):
+    """A batch of plain conversations is encoded from its shapes' plans and message text,
+    never rendered: the tokens, mask and units must be those of the rendered documents, for
+    every shape in one batch, runs taken out of order or twice, the BOS / EOS cuts of
+    tokenizers with and without BOS, and batches that must fall back (a special token in
+    the text, literals a special token could straddle)."""
+    import sftpack.tokenize as tokenize
+    from sftpack.templates import Planned
+    from sftpack.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    template = make_template(source, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                             special_tokens=list(tok.special_tokens))
+    taken = []
+    original = tokenize._encode_planned
+
+    def spy(*args):
+        out = original(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tokenize, "_encode_planned", spy)
+    for seed, specials in ((4, False), (5, True)):
+        batch = Planned()
+        for messages in plain_rows(200, seed, specials):
+            found = template.plain(messages)
+            if found is not None:
+                batch.plans.append(found[0])
+                batch.values.append(found[1])
+                doc = template.render(messages)  # the plan gives what rendering the record gives
+                again = found[0].apply(found[1])
+                assert (again.text, again.trained, again.content, again.train_eos) == (
+                    doc.text, doc.trained, doc.content, doc.train_eos)
+        if not batch:
+            continue
+        planned = encode_documents(tok, batch, train_on_prompt=train_on_prompt)
+        rendered = encode_documents(tok, batch.rendered(), train_on_prompt=train_on_prompt)
+        for field in ("tokens", "mask", "unit_lengths"):
+            assert np.array_equal(getattr(planned, field), getattr(rendered, field))
+        assert planned.special_docs == rendered.special_docs
+    if tokenizer == "llama3" and source in (PLANNED[0], PLANNED[1], *REORDERING):
+        assert taken[0] and not taken[1]  # clean text takes the plans; text holding a special falls back
+    if source in STRADDLING:
+        assert not any(taken)
+
+
+def test_batches_of_plain_and_other_records_are_the_rendered_batches():
+    """`_batches` hands plain conversations over unrendered; a batch switches to rendered
+    documents at its first record that is not plain (tools, blank text, think tags, weights),
+    and the batches and their documents are those of rendering every record."""
+    from sftpack.build import _batches
+    from sftpack.records import Record
+    from sftpack.templates import Planned, Schema
+    from sftpack.tokenizers import load_tokenizer
+
+    tok = load_tokenizer("llama3")
+    template = make_template("chat", chat_template=tok.chat_template, bos_token=tok.bos_token,
+                             eos_token=tok.eos_token, special_tokens=list(tok.special_tokens))
+    rows = [{"messages": m} for m in plain_rows(3000, seed=6)]
+    others = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}],
+         "tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>r</think>a"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
+    ]
+    for at, row in zip((10, 1500, 2990, 2999), others):
+        rows.insert(at, row)
+    records = [Record(r, "x.jsonl", i + 1) for i, r in enumerate(rows)]
+
+    def flat(planned):
+        out = []
+        for batch_records, docs, _ in _batches(records, Schema(), template, tok.special_pattern, planned=planned):
+            kinds = isinstance(docs, Planned)
+            docs = docs.rendered() if kinds else docs
+            out.append((len(batch_records), kinds, [(d.text, d.trained, d.content, d.train_eos) for d in docs]))
+        return out
+
+    import sftpack.build as build
+
+    original = build.BATCH_CHARS
+    try:
+        build.BATCH_CHARS = 20_000  # several batches
+        planned, rendered = flat(True), flat(False)
+    finally:
+        build.BATCH_CHARS = original
+    assert [(n, d) for n, _, d in planned] == [(n, d) for n, _, d in rendered]
+    assert len(planned) > 4
+    assert [k for _, k, _ in planned].count(True) >= len(planned) - 4  # only batches with another record rendered
+    assert not any(k for _, k, _ in rendered)
