@@ -208,10 +208,14 @@ def _finish_batch(
     item_len[is_text] = seg_lens[value[is_text]]
     item_start = np.zeros(len(kind) + 1, dtype=np.int64)
     np.cumsum(item_len, out=item_start[1:])
+    # the text items' tokens are the pieces' in order (piece k is the k-th text item): the
+    # places the token-id items leave
     tokens = np.empty(int(item_start[-1]), dtype=np.int64)
-    tokens[item_start[:-1][~is_text]] = value[~is_text]
-    text_item_start = item_start[:-1][is_text]
-    tokens[np.repeat(text_item_start - enc.offsets[:-1], seg_lens) + np.arange(len(enc.ids))] = enc.ids
+    at_id = item_start[:-1][~is_text]
+    tokens[at_id] = value[~is_text]
+    is_piece = np.ones(len(tokens), dtype=bool)
+    is_piece[at_id] = False
+    tokens[is_piece] = enc.ids
 
     doc_of_item = np.repeat(np.arange(len(docs)), items_per_doc)
     if deferred:
@@ -774,11 +778,13 @@ def _marked(
     stream_at = np.concatenate(([0], np.cumsum(item_len)[:-1]))  # each item's first token in the stream
     total = int(item_len.sum())
     runs = first < stop
-    marks = np.bincount(first[runs], minlength=total + 1) - np.bincount(stop[runs], minlength=total + 1)
-    mask = np.cumsum(marks[:-1]) > 0
+    marks = np.zeros(total + 1, dtype=np.int32)  # +1 where a run starts, -1 where one ends
+    np.add.at(marks, first[runs], 1)
+    np.add.at(marks, stop[runs], -1)
+    mask = np.cumsum(marks[:-1], dtype=np.int32) > 0
     delim = np.flatnonzero((kind != _TEXT) & (ends < 0))
     mask[stream_at[delim]] = (value[delim] == tok.eos_id) & targets.train_eos[doc_of_item[delim]]
-    return mask.astype(np.uint8)
+    return mask.view(np.uint8)
 
 
 _STRIDE = 1 << 40  # from one document's start to the next's in `_mask`: more than any document's length
@@ -803,7 +809,7 @@ def _mask_from_ids(
     ids = enc.ids
     cum = np.cumsum(begins[ids])
     offsets = enc.offsets
-    base = np.concatenate(([0], cum))[offsets[:-1]]  # characters begun before each piece
+    base = np.where(offsets[:-1] > 0, cum[np.maximum(offsets[:-1] - 1, 0)], 0)  # characters begun before each piece
     item_at = np.asarray(starts, dtype=np.int64) + doc_of_item * _STRIDE
     stream_at = np.concatenate(([0], np.cumsum(item_len)[:-1]))  # each item's first token in the stream
     is_text = kind == _TEXT
