@@ -110,16 +110,16 @@ def main() -> None:
 
     from sftpack.build import BuildOptions, _batches
     from sftpack.records import RecordReader, expand_inputs
-    from sftpack.templates import Schema, make_template
+    from sftpack.templates import Planned, Schema, make_template
     from sftpack.tokenizers import load_tokenizer
 
     tok = load_tokenizer("llama3")
     template = make_template("chat", chat_template=tok.chat_template, bos_token=tok.bos_token,
                              eos_token=tok.eos_token, special_tokens=list(tok.special_tokens))
-    started = time.perf_counter()
-    batches = [[d.text for d in docs] for _, docs, _ in _batches(RecordReader(expand_inputs(path)), Schema(), template,
-                                                                 None)]
+    started = time.perf_counter()  # what a build does before encoding: plain conversations are not rendered
+    planned = list(_batches(RecordReader(expand_inputs(path)), Schema(), template, None, planned=True))
     render_s = time.perf_counter() - started
+    batches = [[d.text for d in (docs.rendered() if isinstance(docs, Planned) else docs)] for _, docs, _ in planned]
     pieces = [[p for p in tok.special_split(text)[0::2] if p] for texts in batches for text in texts]
     flat = [p for doc in pieces for p in doc]
     raw_s = float("inf")
@@ -130,7 +130,7 @@ def main() -> None:
         raw_s = min(raw_s, time.perf_counter() - started)
 
     rows = [("raw tokenizer: quicktok encode_batch on the rendered pieces", raw_s, mb),
-            ("read + render + mask spans (JSON, Jinja chat template), one thread", render_s, mb)]
+            ("read + plan (JSON, conversation shapes, message text), one thread", render_s, mb)]
     for train_on_prompt in (True, False):
         for workers, how in ((1, "one process, one thread"), (0, f"{os.cpu_count()} processes")):
             options = BuildOptions(seq_length=2048, template="chat", train_on_prompt=train_on_prompt)
