@@ -52,8 +52,23 @@ LOOKING = (
     "{% for m in messages|map(attribute='content') %}{{ m }}{% endfor %}",
     "{% for m in messages %}{% set ns = namespace(c=m.content) %}{{ ns.c }}{% endfor %}",
 )
-PIECES = ["hi", "the", "café", " ", "\n", "<think>", "</think>", "{{x}}", "\u29830\u2984", "'q'", '"d"', "\\", "日本",
-          "<|eot_id|>", "\t"]
+PIECES = [
+    "hi",
+    "the",
+    "café",
+    " ",
+    "\n",
+    "<think>",
+    "</think>",
+    "{{x}}",
+    "\u29830\u2984",
+    "'q'",
+    '"d"',
+    "\\",
+    "日本",
+    "<|eot_id|>",
+    "\t",
+]
 
 
 def corpus(n: int, seed: int = 0) -> list[dict]:
@@ -96,8 +111,10 @@ def pair(source: str, **kwargs):
     return fast, slow
 
 
-VERBATIM = [(TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
-            for name in ("llama3", "llama3_training", "gemma", "phi3", "phi3_training")] + list(OWN)
+VERBATIM = [
+    (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+    for name in ("llama3", "llama3_training", "gemma", "phi3", "phi3_training")
+] + list(OWN)
 
 
 @pytest.mark.parametrize("source", VERBATIM, ids=lambda s: str(hash(s))[-6:])
@@ -116,9 +133,10 @@ def test_fast_path_renders_what_every_record_rendered_gives(source, options):
     assert any(isinstance(p, templates._Plan) for p in plans)
     docs = [fast.render([dict(m) for m in row["messages"]]) for row in rows[:40] if _renders(fast, row)]
     for doc in docs:
-        if doc.literals is not None:  # the text is its literals with the message text between
-            assert len(doc.values) == len(doc.literals) - 1
-            assert "".join(x for pair in zip(doc.literals, [*doc.values, ""]) for x in pair) == doc.text
+        if doc.plan is not None:  # the text is its shape's literals with the message text between
+            literals, values = doc.plan.literals, doc.values[: doc.plan.cut]
+            assert len(values) == len(literals) - 1
+            assert "".join(x for pair in zip(literals, [*values, ""]) for x in pair) == doc.text
 
 
 def _renders(template, row) -> bool:
@@ -171,8 +189,14 @@ def test_fast_and_general_path_build_byte_identical_stores(tmp_path, monkeypatch
         for train_on_prompt in (True, False):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = PackedSFTDataset("llama3", path, seq_length=64, template="chat", train_on_prompt=train_on_prompt,
-                                      cache_dir=tmp_path / f"cache{fast}{train_on_prompt}")
+                ds = PackedSFTDataset(
+                    "llama3",
+                    path,
+                    seq_length=64,
+                    template="chat",
+                    train_on_prompt=train_on_prompt,
+                    cache_dir=tmp_path / f"cache{fast}{train_on_prompt}",
+                )
             stores[fast, train_on_prompt] = {f.name: f.read_bytes() for f in sorted(Path(ds.path).glob("*.npy"))}
     assert sum(filled) > 200 and not any(filled[len(filled) // 2 :])  # the fast path, then never
     for train_on_prompt in (True, False):
@@ -200,7 +224,10 @@ def test_one_split_for_the_batch_equals_one_per_document(train_on_prompt):
 
     tok = load_tokenizer("llama3")
     template = make_template(
-        "chat", chat_template=tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token,
+        "chat",
+        chat_template=tok.chat_template,
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
         special_tokens=list(tok.special_tokens),
     )
     docs = []
@@ -248,28 +275,32 @@ def test_documents_cut_from_their_literals_equal_the_split_of_their_text(source,
 
     tok = load_tokenizer("llama3")
     template = make_template(
-        tok.chat_template if source == "llama3" else source, bos_token=tok.bos_token, eos_token=tok.eos_token,
+        tok.chat_template if source == "llama3" else source,
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
         special_tokens=list(tok.special_tokens),
     )
     assert template.fast_path
     rng = random.Random(3)
     pieces = ["hi", " the", "café", "日本", "🚀", "\n", "<|", "|>", "eot", "_id", "|>x", "<|eot", "_id|>", " "]
     rows = [
-        [{"role": "user", "content": "q" + "".join(rng.choices(pieces, k=rng.randint(0, 8)))},
-         {"role": "assistant", "content": "a" + "".join(rng.choices(pieces, k=rng.randint(0, 8)))}]
+        [
+            {"role": "user", "content": "q" + "".join(rng.choices(pieces, k=rng.randint(0, 8)))},
+            {"role": "assistant", "content": "a" + "".join(rng.choices(pieces, k=rng.randint(0, 8)))},
+        ]
         for _ in range(300)
     ]
     docs = [template.render(r) for r in rows]
-    assert sum(d.literals is not None for d in docs) > 250
+    assert sum(d.plan is not None for d in docs) > 250
     taken = []
-    original = tokenize._segment_items
+    original = tokenize._encode_planned
 
     def spy(*args):
         out = original(*args)
         taken.append(out is not None)
         return out
 
-    monkeypatch.setattr(tokenize, "_segment_items", spy)
+    monkeypatch.setattr(tokenize, "_encode_planned", spy)
     for chunk in (docs[:100], docs[100:200], docs[200:]):
         clean = [d for d in chunk if not any(tok.special_pattern.search(v) for v in d.values or ["<|eot_id|>"])]
         assert clean
@@ -291,8 +322,10 @@ REORDERING = (
     "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>{{ m.content }}<|eot_id|>"
     "{% if loop.last %}[{{ m.content }}]{% endif %}{% endfor %}",
 )
-PLANNED = [(TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
-           for name in ("llama3", "llama3_training", "phi3", "phi3_training", "phi4", "gemma")]
+PLANNED = [
+    (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+    for name in ("llama3", "llama3_training", "phi3", "phi3_training", "phi4", "gemma")
+]
 PLANNED += [*OWN, *REORDERING, *STRADDLING]
 
 
@@ -333,8 +366,9 @@ def test_plain_conversations_encoded_from_their_plans_equal_their_rendered_docum
     from sftpack.tokenizers import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
-    template = make_template(source, bos_token=tok.bos_token, eos_token=tok.eos_token,
-                             special_tokens=list(tok.special_tokens))
+    template = make_template(
+        source, bos_token=tok.bos_token, eos_token=tok.eos_token, special_tokens=list(tok.special_tokens)
+    )
     taken = []
     original = tokenize._encode_planned
 
@@ -354,11 +388,15 @@ def test_plain_conversations_encoded_from_their_plans_equal_their_rendered_docum
                 doc = template.render(messages)  # the plan gives what rendering the record gives
                 again = found[0].apply(found[1])
                 assert (again.text, again.trained, again.content, again.train_eos) == (
-                    doc.text, doc.trained, doc.content, doc.train_eos)
+                    doc.text,
+                    doc.trained,
+                    doc.content,
+                    doc.train_eos,
+                )
         if not batch:
             continue
         planned = encode_documents(tok, batch, train_on_prompt=train_on_prompt)
-        rendered = encode_documents(tok, batch.rendered(), train_on_prompt=train_on_prompt)
+        rendered = encode_documents(tok, _without_pieces(batch.rendered()), train_on_prompt=train_on_prompt)
         for field in ("tokens", "mask", "unit_lengths"):
             assert np.array_equal(getattr(planned, field), getattr(rendered, field))
         assert planned.special_docs == rendered.special_docs
@@ -378,12 +416,19 @@ def test_batches_of_plain_and_other_records_are_the_rendered_batches():
     from sftpack.tokenizers import load_tokenizer
 
     tok = load_tokenizer("llama3")
-    template = make_template("chat", chat_template=tok.chat_template, bos_token=tok.bos_token,
-                             eos_token=tok.eos_token, special_tokens=list(tok.special_tokens))
+    template = make_template(
+        "chat",
+        chat_template=tok.chat_template,
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        special_tokens=list(tok.special_tokens),
+    )
     rows = [{"messages": m} for m in plain_rows(3000, seed=6)]
     others = [
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}],
-         "tools": [{"type": "function", "function": {"name": "f"}}]},
+        {
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>r</think>a"}]},
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},

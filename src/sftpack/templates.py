@@ -102,7 +102,7 @@ class Rendered:
     """One document: its text, the trained spans, the user-content spans, and whether the
     delimiter EOS that closes it is trained (for prompt templates: the model must learn to stop)."""
 
-    __slots__ = ("text", "trained", "content", "train_eos", "literals", "values")
+    __slots__ = ("text", "trained", "content", "train_eos", "plan", "values")
 
     def __init__(
         self,
@@ -110,14 +110,13 @@ class Rendered:
         trained: tuple[Span, ...],
         content: tuple[Span, ...],
         train_eos: bool,
-        literals: tuple[str, ...] | None = None,
+        plan: _Plan | None = None,
         values: list[str] | None = None,
     ) -> None:
         self.text, self.trained, self.content, self.train_eos = text, trained, content, train_eos
-        # where known (the chat fast path): the text as the template's literal text (one
-        # tuple per conversation shape) with the message text between, literals[0] +
-        # values[0] + literals[1] + ... + literals[-1]
-        self.literals, self.values = literals, values
+        # where known (the chat fast path): the plan of the conversation's shape and the
+        # message text it was applied to (`plan.apply(values)` gives this document)
+        self.plan, self.values = plan, values
 
 
 class Chat:
@@ -861,7 +860,7 @@ class _Plan:
         segments: list[str] = [""] * (2 * k + 1)
         segments[0::2] = self.literals
         segments[1::2] = values[:k]
-        return Rendered("".join(segments), trained, content, self.train_eos, self.literals, values[:k])
+        return Rendered("".join(segments), trained, content, self.train_eos, self, values)
 
 
 class Planned:
@@ -871,9 +870,9 @@ class Planned:
 
     __slots__ = ("plans", "values")
 
-    def __init__(self) -> None:
-        self.plans: list[_Plan] = []
-        self.values: list[list[str]] = []
+    def __init__(self, plans: list[_Plan] | None = None, values: list[list[str]] | None = None) -> None:
+        self.plans: list[_Plan] = plans or []
+        self.values: list[list[str]] = values or []
 
     def __len__(self) -> int:
         return len(self.plans)

@@ -56,14 +56,18 @@ def encode_documents(
 ) -> EncodedBatch:
     """Encode a batch of documents into units (see the module docstring). `has_specials`
     (whether any document holds a special-token string) saves a scan when known. Plain
-    conversations not yet rendered (`Planned`) are encoded from their plans."""
+    conversations, not yet rendered (`Planned`) or rendered from their shapes' plans, are
+    encoded from the plans."""
     pattern = tok.special_pattern
-    if isinstance(docs, Planned):
+    planned = docs if isinstance(docs, Planned) else _plans_of(docs)
+    if planned is not None:
         if tok.per_piece_exact and pattern is not None and not tok.special_strips:
-            planned = _encode_planned(tok, docs, train_on_prompt)
-            if planned is not None:
-                return planned
-        docs, has_specials = docs.rendered(), None
+            batch = _encode_planned(tok, planned, train_on_prompt)
+            if batch is not None:
+                return batch
+        if isinstance(docs, Planned):
+            docs, has_specials = docs.rendered(), None
+    docs = cast(Sequence[Rendered], docs)
     if has_specials is None:
         has_specials = pattern is not None and any(pattern.search(d.text) for d in docs)
     if tok.per_piece_exact and not has_specials:
@@ -91,11 +95,6 @@ def encode_documents(
 
     longest = max(map(len, special_ids), default=0)
     strips = tok.special_strips
-    if pattern is not None and not in_context and not strips:
-        items = _segment_items(tok, docs, bos, eos)
-        if items is not None:  # the chat fast path's documents: no split of their text needed
-            enc = tok.encode(items[-1], positions=_positions(tok, train_on_prompt))
-            return _finish_batch(tok, docs, train_on_prompt, False, enc, *items[:-1], 0)
     # parsed specials and the plain split route: injections are counted for the batch at once,
     # from the special-token items the split makes (they are the specials the stream gets)
     deferred = parse_specials and pattern is not None and split is not None and not in_context and not strips
@@ -292,61 +291,20 @@ def _split_batch(
     )
 
 
-def _segment_items(
-    tok: Tokenizer, docs: Sequence[Rendered], bos: int | None, eos: int | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]] | None:
-    """The plain split route's items (kinds, values, starts, ends, items per document,
-    texts) from the documents' literals and message text (the chat fast path): the items of
-    a conversation shape are worked out once (`_recipe`), a document's are its shape's
-    shifted by the lengths of its message text. None where a document does not qualify
-    (message text holding a special-token string: the split route splits and counts it)."""
-    search = cast(re.Pattern[str], tok.special_pattern).search
-    recipes = _recipes(tok, bos, eos)
-    shapes: list[_Recipe] = []
-    cums: list[int] = []  # each document's message text lengths, accumulated from 0
-    bases: list[int] = []
-    doc_texts: list[str] = []
-    for doc in docs:
-        if doc.literals is None or doc.values is None:
-            return None
-        if doc.literals in recipes:
-            recipe = recipes[doc.literals]
-        else:
-            if len(recipes) >= 4096:
-                recipes.clear()
-            recipe = recipes[doc.literals] = _recipe(tok, doc.literals, bos, eos)
-        if recipe is None or any(search(v) for v in doc.values):
-            return None
-        shapes.append(recipe)
-        bases.append(len(cums))
-        cums += accumulate(map(len, doc.values), initial=0)
-        doc_texts += [doc.text] * recipe.n_texts
-    per_doc = np.fromiter((r.n_items for r in shapes), dtype=np.int64, count=len(shapes))
-    kinds = np.concatenate([r.kinds for r in shapes])
-    values = np.concatenate([r.ids for r in shapes])
-    offset = np.repeat(np.asarray(bases, dtype=np.int64), per_doc)
-    cum = np.asarray(cums, dtype=np.int64)
-    starts = np.concatenate([r.start for r in shapes]) + cum[np.concatenate([r.start_runs for r in shapes]) + offset]
-    end_runs = np.concatenate([r.end_runs for r in shapes])
-    ends = np.concatenate([r.end for r in shapes]) + cum[end_runs + offset]
-    is_text = kinds == _TEXT
-    values[is_text] = np.arange(int(is_text.sum()))
-    ends[end_runs < 0] = -1  # text pieces and delimiters: no end, as the split route gives them
-    text_ends = (
-        np.concatenate([r.text_end for r in shapes])
-        + cum[np.concatenate([r.text_end_runs for r in shapes]) + offset[is_text]]
-    )
-    texts = [t[a:b] for t, a, b in zip(doc_texts, starts[is_text].tolist(), text_ends.tolist())]
-    return kinds, values, starts, ends, per_doc, texts
+def _plans_of(docs: Sequence[Rendered]) -> Planned | None:
+    """The documents as their plans and message text, where every one has a plan."""
+    if not docs or any(d.plan is None for d in docs):
+        return None
+    return Planned([cast(Any, d.plan) for d in docs], [cast(list[str], d.values) for d in docs])
 
 
 def _encode_planned(tok: Tokenizer, batch: Planned, train_on_prompt: bool) -> EncodedBatch | None:
-    """`_segment_items`' route for documents not rendered: the items, text pieces and
-    trained spans of each conversation shape in the batch, for all its documents at once,
-    from the plan's literals and the lengths of the message text; the pieces are made of
-    their literal text and runs of message text. None where the split route must take the
-    batch (a run holding a special-token string, a shape whose recipe is refused or has no
-    special token)."""
+    """The split route's items, without splitting or rendering: the items, text pieces and
+    trained spans of each conversation shape in the batch are worked out once (`_recipe`)
+    and laid out for all its documents at once, shifted by the lengths of their message
+    text; the pieces are made of their literal text and runs of message text. None where
+    the split route must take the batch (a run holding a special-token string, which it
+    splits and counts; a shape whose recipe is refused or has no special token)."""
     bos = tok.bos_id if tok.adds_bos else None
     eos = tok.eos_id
     if cast(re.Pattern[str], tok.special_pattern).search("\0".join(chain.from_iterable(batch.values))):
@@ -478,7 +436,7 @@ class _Recipe:
 
 def _recipe(tok: Tokenizer, literals: tuple[str, ...], bos: int | None, eos: int | None) -> _Recipe | None:
     """The items of documents made of `literals` with message text between (see
-    `_segment_items`); None where a special token could straddle a literal's edge (message
+    `_encode_planned`); None where a special token could straddle a literal's edge (message
     text beside it could complete one)."""
     literal = _literals(tok)
     ids = tok.special_tokens
@@ -809,7 +767,9 @@ def _mask_from_ids(
     ids = enc.ids
     cum = np.cumsum(begins[ids])
     offsets = enc.offsets
-    base = np.where(offsets[:-1] > 0, cum[np.maximum(offsets[:-1] - 1, 0)], 0)  # characters begun before each piece
+    base = np.zeros(len(offsets) - 1, dtype=np.int64)  # characters begun before each piece
+    after = offsets[:-1] > 0
+    base[after] = cum[offsets[:-1][after] - 1]
     item_at = np.asarray(starts, dtype=np.int64) + doc_of_item * _STRIDE
     stream_at = np.concatenate(([0], np.cumsum(item_len)[:-1]))  # each item's first token in the stream
     is_text = kind == _TEXT
