@@ -382,3 +382,63 @@ def test_errors_still_raise_under_python_O(built_store, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.split() == ["OK"] + ["StoreError"] * 4 + ["InputError", "ConfigError", "StoreError"]
+
+
+def _synced_files(monkeypatch, name: str, fail: OSError | None = None, delay: float = 0.0) -> list[str]:
+    """Record the file names that `os.<name>` is called on (optionally failing, or slow)."""
+    import os
+    import time
+
+    real, seen = getattr(os, name), []
+
+    def call(fd: int) -> None:
+        time.sleep(delay)
+        seen.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)  # the descriptor is still this file's
+        if fail is not None:
+            raise fail
+        real(fd)
+
+    monkeypatch.setattr(os, name, call)
+    return seen
+
+
+MIB_OF_TOKENS = np.arange(1 << 19, dtype=np.uint16)  # 1 MiB a piece
+
+
+def test_appended_data_is_synced_early_and_every_file_again_at_commit(tmp_path, monkeypatch):
+    early = _synced_files(monkeypatch, "fdatasync")
+    final = _synced_files(monkeypatch, "fsync")
+    target = tmp_path / "store"
+    with StoreWriter(target, np.uint16) as writer:
+        for _ in range(3):
+            writer.append(MIB_OF_TOKENS, np.ones(len(MIB_OF_TOKENS), np.uint8), np.array([len(MIB_OF_TOKENS)]))
+        writer._stop_syncer()  # the early syncs started so far are done
+        assert "tokens.npy" in early and final == []  # written while the build goes on, before the commit
+        writer.commit({"fingerprint": "x", "counts": {}})
+    assert {"tokens.npy", "loss_mask.npy", "doc_offsets.npy"} <= set(final)  # the guarantee stays the commit's
+    assert np.array_equal(np.load(target / "tokens.npy")[-len(MIB_OF_TOKENS) :], MIB_OF_TOKENS)
+
+
+def test_a_failed_early_sync_fails_the_commit_and_publishes_nothing(tmp_path, monkeypatch):
+    import errno
+
+    # the kernel reports a write error once per open file: an early sync that saw it must not be the only one
+    _synced_files(monkeypatch, "fdatasync", fail=OSError(errno.EIO, "Input/output error"))
+    target = tmp_path / "store"
+    with pytest.raises(OSError) as info:
+        with StoreWriter(target, np.uint16) as writer:
+            for _ in range(2):
+                writer.append(MIB_OF_TOKENS, np.ones(len(MIB_OF_TOKENS), np.uint8), np.array([len(MIB_OF_TOKENS)]))
+            writer.commit({"fingerprint": "x", "counts": {}})
+    assert info.value.errno == errno.EIO
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_aborted_writer_closes_no_file_under_its_early_sync(tmp_path, monkeypatch):
+    seen = _synced_files(monkeypatch, "fdatasync", delay=0.2)  # still running when the block raises
+    with pytest.raises(RuntimeError):
+        with StoreWriter(tmp_path / "store", np.uint16) as writer:
+            writer.append(MIB_OF_TOKENS, np.ones(len(MIB_OF_TOKENS), np.uint8), np.array([len(MIB_OF_TOKENS)]))
+            raise RuntimeError("the build failed")
+    assert seen == ["tokens.npy"]  # its descriptor was still open (and still the tokens file) when it ran
+    assert list(tmp_path.iterdir()) == []

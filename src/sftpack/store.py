@@ -30,6 +30,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +58,7 @@ FIRST_ARRAYS = {
 }
 ALL_ARRAYS = {**ARRAYS, **FIRST_ARRAYS}
 NPY_HEADER = 128  # bytes reserved for the .npy v1.0 header of an array written incrementally
+EARLY_SYNC = 1 << 20  # bytes appended to a file before a background fdatasync makes them durable
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -114,12 +116,20 @@ class ChunkHasher:
 
 class _Appender:
     """An .npy file written in pieces: header reserved first, patched on close. Chunk
-    digests are computed as the data goes by (all but chunk 0, which holds the header)."""
+    digests are computed as the data goes by (all but chunk 0, which holds the header).
 
-    def __init__(self, path: Path, dtype: np.dtype, chunk: int) -> None:
+    `sync(fd)`: starts an fdatasync of the file in the background; called every
+    `EARLY_SYNC` bytes (one at a time), so that the disk writes and flushes its cache while
+    the build goes on and the fsync of `close` finds little left. It adds no guarantee and
+    takes none away: `close` still fsyncs, and raises the error of any early sync (a write
+    error is reported once per open file, to whichever sync comes first)."""
+
+    def __init__(self, path: Path, dtype: np.dtype, chunk: int, sync: Callable[[int], Future[None]] | None) -> None:
         self.path, self.dtype, self.length = path, np.dtype(dtype), 0
         self._hash = ChunkHasher(NPY_HEADER, chunk)
         self.digests: dict[int, bytes] = {}
+        self._sync, self._unsynced = sync, 0
+        self._syncing: Future[None] | None = None  # the early sync in flight, or the failed one
         self._f = open(path, "wb")
         self._f.write(b"\0" * NPY_HEADER)
 
@@ -128,8 +138,20 @@ class _Appender:
         self._f.write(data.data)
         self._hash.update(data)
         self.length += len(values)
+        self._unsynced += data.nbytes
+        if self._sync is not None and self._unsynced >= EARLY_SYNC:
+            if self._syncing is None or (self._syncing.done() and self._syncing.exception() is None):
+                self._f.flush()
+                self._syncing, self._unsynced = self._sync(self._f.fileno()), 0  # a failed one is kept for close
+
+    def _synced(self) -> None:
+        """Wait for the early sync in flight (the file must stay open meanwhile); raise its error."""
+        if self._syncing is not None:
+            self._syncing.result()
+            self._syncing = None
 
     def close(self) -> None:
+        self._synced()
         self._f.seek(0)
         self._f.write(_npy_header(self.dtype, self.length))
         self._f.flush()
@@ -139,6 +161,8 @@ class _Appender:
         self.digests = {first: run} if run else {}
 
     def discard(self) -> None:
+        if self._syncing is not None:  # its descriptor must not be closed (and reused) under it
+            wait([self._syncing])
         if not self._f.closed:
             self._f.close()
 
@@ -404,6 +428,7 @@ class StoreWriter:
         self.chunk = CHUNK  # checksum chunk of this store's files
         self._done = False
         self._appenders: dict[str, _Appender] = {}
+        self._syncer: ThreadPoolExecutor | None = None  # early fdatasyncs (`_Appender`), started on demand
         self._known: dict[str, dict[int, bytes]] | None = None  # preallocated: digests from elsewhere
         try:
             make_tmp(self.tmp)  # inside: a Ctrl-C handled as mkdir returns must remove it too
@@ -425,7 +450,9 @@ class StoreWriter:
         return self.dtype if key.endswith("tokens") else np.dtype(np.int64 if key.endswith("offsets") else np.uint8)
 
     def _arrays(self, names: dict[str, str]) -> tuple[_Appender, _Appender, _Appender]:
-        tokens, mask, offsets = (_Appender(self.tmp / n, self.array_dtype(k), self.chunk) for k, n in names.items())
+        tokens, mask, offsets = (
+            _Appender(self.tmp / n, self.array_dtype(k), self.chunk, self._early_sync) for k, n in names.items()
+        )
         self._appenders.update(zip(names, (tokens, mask, offsets)))
         offsets.append(np.zeros(1, dtype=np.int64))
         return tokens, mask, offsets
@@ -456,6 +483,16 @@ class StoreWriter:
         self.n_tokens, self.n_docs, self.n_supervised = lengths["tokens"], lengths["doc_offsets"] - 1, n_supervised
         self._first_tokens = lengths.get("first_tokens", 0)
         return sizes
+
+    def _early_sync(self, fd: int) -> Future[None]:
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftpack-sync")
+        return self._syncer.submit(os.fdatasync, fd)
+
+    def _stop_syncer(self) -> None:
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
 
     def add_digests(self, key: str, first: int, run: bytes) -> None:
         """Digests of consecutive chunks of preallocated array `key`, computed by its writers."""
@@ -499,6 +536,7 @@ class StoreWriter:
         files = {}
         for appender in self._appenders.values():
             appender.close()
+        self._stop_syncer()
         known = self._known if self._known is not None else {k: a.digests for k, a in self._appenders.items()}
         for key in ALL_ARRAYS:
             if key not in known:
@@ -548,6 +586,7 @@ class StoreWriter:
                 appender.discard()
             except OSError as exc:
                 first = first or exc
+        self._stop_syncer()
         removal = _remove_tree(self.tmp) if os.path.lexists(self.tmp) else None
         return first or removal
 
