@@ -7,7 +7,9 @@ A store directory holds flat `.npy` arrays and a JSON manifest:
 - `doc_offsets.npy`: int64 start of every document unit, plus the stream length
 
 The writer builds in a temporary sibling directory, fsyncs, writes the manifest last and
-renames the directory into place, so a target that holds `manifest.json` is complete.
+renames the directory into place, so a target that holds `manifest.json` is complete
+(appended data is also fdatasynced in the background as it grows, so the commit's fsyncs
+find little left to write).
 Readers memory-map the arrays (no pickle anywhere) and check sizes; `verify` checks every
 checksum. The writer and the readers share nothing but this format.
 
@@ -30,7 +32,8 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -162,7 +165,7 @@ class _Appender:
 
     def discard(self) -> None:
         if self._syncing is not None:  # its descriptor must not be closed (and reused) under it
-            wait([self._syncing])
+            wait_futures([self._syncing])
         if not self._f.closed:
             self._f.close()
 
