@@ -442,3 +442,25 @@ def test_an_aborted_writer_closes_no_file_under_its_early_sync(tmp_path, monkeyp
             raise RuntimeError("the build failed")
     assert seen == ["tokens.npy"]  # its descriptor was still open (and still the tokens file) when it ran
     assert list(tmp_path.iterdir()) == []
+
+
+def test_commit_reads_back_no_array_to_checksum_it(tmp_path, monkeypatch):
+    # every chunk digest, chunk 0 (the header's) included, is computed as the data is written
+    import sftpack.store
+
+    opened = []
+    def recorded(file, mode="r", *args, **kwargs):
+        opened.append((Path(file).name, mode))
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(sftpack.store, "open", recorded, raising=False)  # the module's own opens
+    target = tmp_path / "store"
+    with StoreWriter(target, np.uint16) as writer:
+        for n in (1 << 19, 1 << 19, 3, 1 << 19):  # files of several chunks, one of less than a chunk (offsets)
+            writer.append(MIB_OF_TOKENS[:n], np.ones(n, np.uint8), np.array([n]))
+        writer.commit({"fingerprint": "x", "counts": {}})
+    assert [name for name, mode in opened if "r" in mode and name.endswith(".npy")] == []
+    assert {name for name, mode in opened if "w" in mode} >= {"tokens.npy", "loss_mask.npy", "doc_offsets.npy"}
+    for key, name in ARRAYS.items():  # the recorded checksums are the files' own
+        entry = read_manifest(target, any_version=True)["files"][key]["xxh3_128_chunked"]
+        assert entry["digest"] == sftpack.store.checksum(target / name, chunk=entry["chunk"])

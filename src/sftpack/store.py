@@ -119,7 +119,8 @@ class ChunkHasher:
 
 class _Appender:
     """An .npy file written in pieces: header reserved first, patched on close. Chunk
-    digests are computed as the data goes by (all but chunk 0, which holds the header).
+    digests are computed as the data goes by; chunk 0, which holds the header, on close
+    from the data it holds, kept meanwhile (a chunk no larger than the header: read then).
 
     `sync(fd)`: starts an fdatasync of the file in the background; called every
     `EARLY_SYNC` bytes (one at a time), so that the disk writes and flushes its cache while
@@ -131,6 +132,8 @@ class _Appender:
         self.path, self.dtype, self.length = path, np.dtype(dtype), 0
         self._hash = ChunkHasher(NPY_HEADER, chunk)
         self.digests: dict[int, bytes] = {}
+        self._head = bytearray()  # the data in chunk 0, after the header
+        self._head_room = chunk - NPY_HEADER if chunk > NPY_HEADER else 0
         self._sync, self._unsynced = sync, 0
         self._syncing: Future[None] | None = None  # the early sync in flight, or the failed one
         self._f = open(path, "wb")
@@ -140,6 +143,8 @@ class _Appender:
         data = np.ascontiguousarray(values, dtype=self.dtype)
         self._f.write(data.data)
         self._hash.update(data)
+        if len(self._head) < self._head_room:
+            self._head += data.data.cast("B")[: self._head_room - len(self._head)]
         self.length += len(values)
         self._unsynced += data.nbytes
         if self._sync is not None and self._unsynced >= EARLY_SYNC:
@@ -155,12 +160,15 @@ class _Appender:
 
     def close(self) -> None:
         self._synced()
+        header = _npy_header(self.dtype, self.length)
         self._f.seek(0)
-        self._f.write(_npy_header(self.dtype, self.length))
+        self._f.write(header)
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
         first, run = self._hash.finish(NPY_HEADER + self.length * self.dtype.itemsize)
+        if self._head_room:  # chunk 0: the header and the data after it (the whole file when shorter)
+            first, run = 0, _chunk_digest(header + self._head) + run
         self.digests = {first: run} if run else {}
 
     def discard(self) -> None:
@@ -179,8 +187,8 @@ def checksum(path: Path, known: dict[int, bytes] | None = None, chunk: int | Non
     size = os.stat(path).st_size
     n = -(-size // chunk)
     h = xxhash.xxh3_128()
-    buf = bytearray(min(chunk, max(size, 1)))
-    with open(path, "rb", buffering=0) as f:
+    with contextlib.ExitStack() as stack:
+        f, buf = None, bytearray()  # opened for the first chunk not known
         k = 0
         while k < n:
             run = known.get(k)
@@ -189,6 +197,8 @@ def checksum(path: Path, known: dict[int, bytes] | None = None, chunk: int | Non
                 h.update(run)
                 k += len(run) // DIGEST
                 continue
+            if f is None:
+                f, buf = stack.enter_context(open(path, "rb", buffering=0)), bytearray(min(chunk, size))
             f.seek(k * chunk)
             got = 0
             while got < len(buf) and (step := f.readinto(memoryview(buf)[got:])):
