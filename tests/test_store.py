@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -464,3 +465,61 @@ def test_commit_reads_back_no_array_to_checksum_it(tmp_path, monkeypatch):
     for key, name in ARRAYS.items():  # the recorded checksums are the files' own
         entry = read_manifest(target, any_version=True)["files"][key]["xxh3_128_chunked"]
         assert entry["digest"] == sftpack.store.checksum(target / name, chunk=entry["chunk"])
+
+
+def _fsync_events(monkeypatch, hold: threading.Event | None = None, fail: OSError | None = None) -> list[str]:
+    """Record the fsyncs of array files and the renames, in order; an array's fsync first waits
+    for `hold` (at most 10 s) or fails with `fail`."""
+    import os
+
+    real_fsync, real_replace, events = os.fsync, os.replace, []
+
+    def fsync(fd: int) -> None:
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        if name.endswith(".npy"):
+            if hold is not None:
+                events.append(f"{name} waited" if hold.wait(10) else f"{name} timed out")
+            if fail is not None:
+                raise fail
+        real_fsync(fd)
+        events.append(f"fsynced {name}")
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        events.append(f"renamed to {Path(dst).name}")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_commit_fsyncs_beside_the_check_and_publishes_after_them(tmp_path, monkeypatch):
+    checked = threading.Event()
+    events = _fsync_events(monkeypatch, hold=checked)  # an array's fsync waits until the check has run
+    target = tmp_path / "store"
+    with StoreWriter(target, np.uint16) as writer:
+        writer.append(MIB_OF_TOKENS, np.ones(len(MIB_OF_TOKENS), np.uint8), np.array([len(MIB_OF_TOKENS)]))
+        writer.commit({"fingerprint": "x", "counts": {}}, check=lambda tmp: checked.set())
+    assert "tokens.npy waited" in events  # the check ran while the fsyncs were in flight
+    published = events.index("renamed to store")
+    for name in ARRAYS.values():
+        assert events.index(f"fsynced {name}") < published  # each file durable before the store is published
+
+
+def test_a_failed_fsync_at_commit_fails_it_before_a_failed_check(tmp_path, monkeypatch):
+    import errno
+
+    from sftpack.errors import ConfigError
+
+    _fsync_events(monkeypatch, fail=OSError(errno.EIO, "Input/output error"))
+
+    def check(tmp: Path) -> None:
+        raise ConfigError("no plan")
+
+    target = tmp_path / "store"
+    with pytest.raises(OSError) as info:  # as when the fsyncs ran before the check
+        with StoreWriter(target, np.uint16) as writer:
+            writer.append(MIB_OF_TOKENS, np.ones(len(MIB_OF_TOKENS), np.uint8), np.array([len(MIB_OF_TOKENS)]))
+            writer.commit({"fingerprint": "x", "counts": {}}, check=check)
+    assert info.value.errno == errno.EIO
+    assert list(tmp_path.iterdir()) == []

@@ -118,24 +118,25 @@ class ChunkHasher:
 
 
 class _Appender:
-    """An .npy file written in pieces: header reserved first, patched on close. Chunk
-    digests are computed as the data goes by; chunk 0, which holds the header, on close
+    """An .npy file written in pieces: header reserved first, patched by `finish`. Chunk
+    digests are computed as the data goes by; chunk 0, which holds the header, by `finish`
     from the data it holds, kept meanwhile (a chunk no larger than the header: read then).
 
-    `sync(fd)`: starts an fdatasync of the file in the background; called every
+    `background(fn, *args)` runs a sync in another thread: an fdatasync of the file every
     `EARLY_SYNC` bytes (one at a time), so that the disk writes and flushes its cache while
-    the build goes on and the fsync of `close` finds little left. It adds no guarantee and
-    takes none away: `close` still fsyncs, and raises the error of any early sync (a write
-    error is reported once per open file, to whichever sync comes first)."""
+    the build goes on, and the fsync of `finish`, which then finds little left. The early
+    syncs add no guarantee and take none away: the fsync still runs, and `synced` raises the
+    error of any of them (a write error is reported once per open file, to whichever sync
+    comes first)."""
 
-    def __init__(self, path: Path, dtype: np.dtype, chunk: int, sync: Callable[[int], Future[None]] | None) -> None:
+    def __init__(self, path: Path, dtype: np.dtype, chunk: int, background: Callable[..., Future[None]]) -> None:
         self.path, self.dtype, self.length = path, np.dtype(dtype), 0
         self._hash = ChunkHasher(NPY_HEADER, chunk)
         self.digests: dict[int, bytes] = {}
         self._head = bytearray()  # the data in chunk 0, after the header
         self._head_room = chunk - NPY_HEADER if chunk > NPY_HEADER else 0
-        self._sync, self._unsynced = sync, 0
-        self._syncing: Future[None] | None = None  # the early sync in flight, or the failed one
+        self._background, self._unsynced = background, 0
+        self._syncing: Future[None] | None = None  # the sync in flight (early or final), or a failed one
         self._f = open(path, "wb")
         self._f.write(b"\0" * NPY_HEADER)
 
@@ -147,29 +148,35 @@ class _Appender:
             self._head += data.data.cast("B")[: self._head_room - len(self._head)]
         self.length += len(values)
         self._unsynced += data.nbytes
-        if self._sync is not None and self._unsynced >= EARLY_SYNC:
+        if self._unsynced >= EARLY_SYNC:
             if self._syncing is None or (self._syncing.done() and self._syncing.exception() is None):
                 self._f.flush()
-                self._syncing, self._unsynced = self._sync(self._f.fileno()), 0  # a failed one is kept for close
+                self._syncing = self._background(os.fdatasync, self._f.fileno())  # a failed one is kept
+                self._unsynced = 0
 
-    def _synced(self) -> None:
-        """Wait for the early sync in flight (the file must stay open meanwhile); raise its error."""
+    def synced(self) -> None:
+        """Wait for the sync in flight (the file stays open meanwhile); raise its error."""
         if self._syncing is not None:
             self._syncing.result()
             self._syncing = None
 
-    def close(self) -> None:
-        self._synced()
+    def finish(self) -> None:
+        """Write the header, know every digest, and fsync and close the file in the background
+        (`synced` waits for that)."""
+        self.synced()
         header = _npy_header(self.dtype, self.length)
         self._f.seek(0)
         self._f.write(header)
         self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
         first, run = self._hash.finish(NPY_HEADER + self.length * self.dtype.itemsize)
         if self._head_room:  # chunk 0: the header and the data after it (the whole file when shorter)
             first, run = 0, _chunk_digest(header + self._head) + run
         self.digests = {first: run} if run else {}
+        self._syncing = self._background(self._fsync_close)
+
+    def _fsync_close(self) -> None:
+        os.fsync(self._f.fileno())
+        self._f.close()
 
     def discard(self) -> None:
         if self._syncing is not None:  # its descriptor must not be closed (and reused) under it
@@ -464,7 +471,7 @@ class StoreWriter:
 
     def _arrays(self, names: dict[str, str]) -> tuple[_Appender, _Appender, _Appender]:
         tokens, mask, offsets = (
-            _Appender(self.tmp / n, self.array_dtype(k), self.chunk, self._early_sync) for k, n in names.items()
+            _Appender(self.tmp / n, self.array_dtype(k), self.chunk, self._in_background) for k, n in names.items()
         )
         self._appenders.update(zip(names, (tokens, mask, offsets)))
         offsets.append(np.zeros(1, dtype=np.int64))
@@ -497,10 +504,12 @@ class StoreWriter:
         self._first_tokens = lengths.get("first_tokens", 0)
         return sizes
 
-    def _early_sync(self, fd: int) -> Future[None]:
+    def _in_background(self, fn: Callable[..., None], *args: Any) -> Future[None]:
+        """`fn(*args)` in the sync threads (started on demand): one sync at a time per file, the
+        early ones while appending and the fsyncs of the commit."""
         if self._syncer is None:
-            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftpack-sync")
-        return self._syncer.submit(os.fdatasync, fd)
+            self._syncer = ThreadPoolExecutor(max_workers=len(ALL_ARRAYS), thread_name_prefix="sftpack-sync")
+        return self._syncer.submit(fn, *args)
 
     def _stop_syncer(self) -> None:
         if self._syncer is not None:
@@ -547,28 +556,34 @@ class StoreWriter:
         """Finish the arrays, write the manifest last and move the store into place.
         `check(tmp)` runs on the finished store before it is published; raising aborts."""
         files = {}
-        for appender in self._appenders.values():
-            appender.close()
+        appenders = list(self._appenders.values())
+        for appender in appenders:
+            appender.finish()  # the files' fsyncs run at once, beside what follows
+        try:
+            known = self._known if self._known is not None else {k: a.digests for k, a in self._appenders.items()}
+            for key in ALL_ARRAYS:
+                if key not in known:
+                    continue
+                path = self.tmp / ALL_ARRAYS[key]
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+                files[key] = {
+                    "path": ALL_ARRAYS[key],
+                    "dtype": arr.dtype.name,
+                    "length": int(arr.shape[0]),
+                    "bytes": path.stat().st_size,
+                    "xxh3_128_chunked": checksum_entry(path, known[key], self.chunk),
+                }
+                del arr
+            counts = {**manifest.get("counts", {}), "documents": self.n_docs, "tokens": self.n_tokens}
+            counts["supervised_tokens"] = self.n_supervised  # what was written, whatever the caller counted
+            full = {"format": FORMAT, "version": VERSION, **manifest, "counts": counts, "files": files}
+            _write_manifest(self.tmp, full)
+            if check is not None:
+                check(self.tmp)
+        finally:  # every file durable before anything is published; an fsync's error comes first
+            for appender in appenders:
+                appender.synced()
         self._stop_syncer()
-        known = self._known if self._known is not None else {k: a.digests for k, a in self._appenders.items()}
-        for key in ALL_ARRAYS:
-            if key not in known:
-                continue
-            path = self.tmp / ALL_ARRAYS[key]
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            files[key] = {
-                "path": ALL_ARRAYS[key],
-                "dtype": arr.dtype.name,
-                "length": int(arr.shape[0]),
-                "bytes": path.stat().st_size,
-                "xxh3_128_chunked": checksum_entry(path, known[key], self.chunk),
-            }
-            del arr
-        counts = {**manifest.get("counts", {}), "documents": self.n_docs, "tokens": self.n_tokens}
-        counts["supervised_tokens"] = self.n_supervised  # what was written, whatever the caller counted
-        _write_manifest(self.tmp, {"format": FORMAT, "version": VERSION, **manifest, "counts": counts, "files": files})
-        if check is not None:
-            check(self.tmp)
         prepare_target(self.target)  # still empty or our own store: nothing was put there meanwhile
         (self.tmp / TMP_MARK).unlink()  # a complete store now: `owned_tmp` knows it without the mark
         old = None
