@@ -6,7 +6,8 @@
 Builds bench/out/chat_<mb>mb.jsonl (made by bench_chat.py's generator when missing) with the
 bundled Llama-3 chat template, assistant turns only, `--runs` times in this process, and times
 (by wrapping them) the encode engine, the commit, the plan check inside it (`summarize` of the
-finished store), the fsyncs, and build()'s own work before and after. Prints each run's phases
+finished store), the fsyncs (summed over threads: the commit's run beside its check, so they
+may exceed what they add to it), and build()'s own work before and after. Prints each run's phases
 in ms and their share of that run's build (the baseline of the same run); the best run last.
 """
 
