@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -382,3 +383,143 @@ def test_errors_still_raise_under_python_O(built_store, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.split() == ["OK"] + ["StoreError"] * 4 + ["InputError", "ConfigError", "StoreError"]
+
+
+def _synced_files(monkeypatch, name: str, fail: OSError | None = None, delay: float = 0.0) -> list[str]:
+    """Record the file names that `os.<name>` is called on (optionally failing, or slow)."""
+    import os
+    import time
+
+    real, seen = getattr(os, name), []
+
+    def call(fd: int) -> None:
+        time.sleep(delay)
+        seen.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)  # the descriptor is still this file's
+        if fail is not None:
+            raise fail
+        real(fd)
+
+    monkeypatch.setattr(os, name, call)
+    return seen
+
+
+MIB_OF_TOKENS = np.arange(1 << 19, dtype=np.uint16)  # 1 MiB a piece
+
+
+def test_appended_data_is_synced_early_and_every_file_again_at_commit(tmp_path, monkeypatch):
+    early = _synced_files(monkeypatch, "fdatasync")
+    final = _synced_files(monkeypatch, "fsync")
+    target = tmp_path / "store"
+    with StoreWriter(target, np.uint16) as writer:
+        for _ in range(3):
+            writer.append(MIB_OF_TOKENS, np.ones(len(MIB_OF_TOKENS), np.uint8), np.array([len(MIB_OF_TOKENS)]))
+        writer._stop_syncer()  # the early syncs started so far are done
+        assert "tokens.npy" in early and final == []  # written while the build goes on, before the commit
+        writer.commit({"fingerprint": "x", "counts": {}})
+    assert {"tokens.npy", "loss_mask.npy", "doc_offsets.npy"} <= set(final)  # the guarantee stays the commit's
+    assert np.array_equal(np.load(target / "tokens.npy")[-len(MIB_OF_TOKENS) :], MIB_OF_TOKENS)
+
+
+def test_a_failed_early_sync_fails_the_commit_and_publishes_nothing(tmp_path, monkeypatch):
+    import errno
+
+    # the kernel reports a write error once per open file: an early sync that saw it must not be the only one
+    _synced_files(monkeypatch, "fdatasync", fail=OSError(errno.EIO, "Input/output error"))
+    target = tmp_path / "store"
+    with pytest.raises(OSError) as info:
+        with StoreWriter(target, np.uint16) as writer:
+            for _ in range(2):
+                writer.append(MIB_OF_TOKENS, np.ones(len(MIB_OF_TOKENS), np.uint8), np.array([len(MIB_OF_TOKENS)]))
+            writer.commit({"fingerprint": "x", "counts": {}})
+    assert info.value.errno == errno.EIO
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_aborted_writer_closes_no_file_under_its_early_sync(tmp_path, monkeypatch):
+    seen = _synced_files(monkeypatch, "fdatasync", delay=0.2)  # still running when the block raises
+    with pytest.raises(RuntimeError):
+        with StoreWriter(tmp_path / "store", np.uint16) as writer:
+            writer.append(MIB_OF_TOKENS, np.ones(len(MIB_OF_TOKENS), np.uint8), np.array([len(MIB_OF_TOKENS)]))
+            raise RuntimeError("the build failed")
+    assert seen == ["tokens.npy"]  # its descriptor was still open (and still the tokens file) when it ran
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_commit_reads_back_no_array_to_checksum_it(tmp_path, monkeypatch):
+    # every chunk digest, chunk 0 (the header's) included, is computed as the data is written
+    import sftpack.store
+
+    opened = []
+    def recorded(file, mode="r", *args, **kwargs):
+        opened.append((Path(file).name, mode))
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(sftpack.store, "open", recorded, raising=False)  # the module's own opens
+    target = tmp_path / "store"
+    with StoreWriter(target, np.uint16) as writer:
+        for n in (1 << 19, 1 << 19, 3, 1 << 19):  # files of several chunks, one of less than a chunk (offsets)
+            writer.append(MIB_OF_TOKENS[:n], np.ones(n, np.uint8), np.array([n]))
+        writer.commit({"fingerprint": "x", "counts": {}})
+    assert [name for name, mode in opened if "r" in mode and name.endswith(".npy")] == []
+    assert {name for name, mode in opened if "w" in mode} >= {"tokens.npy", "loss_mask.npy", "doc_offsets.npy"}
+    for key, name in ARRAYS.items():  # the recorded checksums are the files' own
+        entry = read_manifest(target, any_version=True)["files"][key]["xxh3_128_chunked"]
+        assert entry["digest"] == sftpack.store.checksum(target / name, chunk=entry["chunk"])
+
+
+def _fsync_events(monkeypatch, hold: threading.Event | None = None, fail: OSError | None = None) -> list[str]:
+    """Record the fsyncs of array files and the renames, in order; an array's fsync first waits
+    for `hold` (at most 10 s) or fails with `fail`."""
+    import os
+
+    real_fsync, real_replace, events = os.fsync, os.replace, []
+
+    def fsync(fd: int) -> None:
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        if name.endswith(".npy"):
+            if hold is not None:
+                events.append(f"{name} waited" if hold.wait(10) else f"{name} timed out")
+            if fail is not None:
+                raise fail
+        real_fsync(fd)
+        events.append(f"fsynced {name}")
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        events.append(f"renamed to {Path(dst).name}")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_commit_fsyncs_beside_the_check_and_publishes_after_them(tmp_path, monkeypatch):
+    checked = threading.Event()
+    events = _fsync_events(monkeypatch, hold=checked)  # an array's fsync waits until the check has run
+    target = tmp_path / "store"
+    with StoreWriter(target, np.uint16) as writer:
+        writer.append(MIB_OF_TOKENS, np.ones(len(MIB_OF_TOKENS), np.uint8), np.array([len(MIB_OF_TOKENS)]))
+        writer.commit({"fingerprint": "x", "counts": {}}, check=lambda tmp: checked.set())
+    assert "tokens.npy waited" in events  # the check ran while the fsyncs were in flight
+    published = events.index("renamed to store")
+    for name in ARRAYS.values():
+        assert events.index(f"fsynced {name}") < published  # each file durable before the store is published
+
+
+def test_a_failed_fsync_at_commit_fails_it_before_a_failed_check(tmp_path, monkeypatch):
+    import errno
+
+    from sftpack.errors import ConfigError
+
+    _fsync_events(monkeypatch, fail=OSError(errno.EIO, "Input/output error"))
+
+    def check(tmp: Path) -> None:
+        raise ConfigError("no plan")
+
+    target = tmp_path / "store"
+    with pytest.raises(OSError) as info:  # as when the fsyncs ran before the check
+        with StoreWriter(target, np.uint16) as writer:
+            writer.append(MIB_OF_TOKENS, np.ones(len(MIB_OF_TOKENS), np.uint8), np.array([len(MIB_OF_TOKENS)]))
+            writer.commit({"fingerprint": "x", "counts": {}}, check=check)
+    assert info.value.errno == errno.EIO
+    assert list(tmp_path.iterdir()) == []

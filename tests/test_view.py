@@ -255,3 +255,31 @@ def test_quiet_build_still_warns_when_the_plan_loses_tokens(store, tmp_path, cap
                  "--packing", "bfd", "--overflow", "truncate", "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert out == "" and "sftpack: warning: the plan loses" in err
+
+
+@pytest.mark.parametrize("step", [1, 3, 64, 1 << 18])
+def test_ones_before_equals_a_prefix_sum_across_chunks(tmp_path, step):
+    # counts of every position, chunk edges included, and mask bytes above 1 (a sum, not a count of nonzeros)
+    from sftpack.view import _ones_before
+
+    rng = np.random.default_rng(step)
+    mask = rng.integers(0, 256, 1000).astype(np.uint8)
+    mask[:300] = rng.integers(0, 2, 300)
+    np.save(tmp_path / "mask.npy", mask)
+    mapped = np.load(tmp_path / "mask.npy", mmap_mode="r")
+    positions = np.concatenate((rng.integers(0, 1001, 200), [0, 1000, 999, 1, step, step - 1, 2 * step]))
+    positions = positions[positions <= 1000]
+    expected = np.concatenate(([0], np.cumsum(mask, dtype=np.int64)))[positions]
+    assert np.array_equal(_ones_before(mapped, positions, step), expected)
+
+
+def test_ones_before_names_a_truncated_mask(tmp_path):
+    from sftpack.errors import StoreError
+    from sftpack.view import _ones_before
+
+    np.save(tmp_path / "mask.npy", np.ones(100, np.uint8))
+    mapped = np.load(tmp_path / "mask.npy", mmap_mode="r")
+    with open(tmp_path / "mask.npy", "r+b") as f:
+        f.truncate(mapped.offset + 50)
+    with pytest.raises(StoreError, match="shorter than its header"):
+        _ones_before(mapped, np.array([100]), 16)

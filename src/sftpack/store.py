@@ -7,7 +7,9 @@ A store directory holds flat `.npy` arrays and a JSON manifest:
 - `doc_offsets.npy`: int64 start of every document unit, plus the stream length
 
 The writer builds in a temporary sibling directory, fsyncs, writes the manifest last and
-renames the directory into place, so a target that holds `manifest.json` is complete.
+renames the directory into place, so a target that holds `manifest.json` is complete
+(appended data is also fdatasynced in the background as it grows, so the commit's fsyncs
+find little left to write).
 Readers memory-map the arrays (no pickle anywhere) and check sizes; `verify` checks every
 checksum. The writer and the readers share nothing but this format.
 
@@ -30,6 +32,8 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +61,7 @@ FIRST_ARRAYS = {
 }
 ALL_ARRAYS = {**ARRAYS, **FIRST_ARRAYS}
 NPY_HEADER = 128  # bytes reserved for the .npy v1.0 header of an array written incrementally
+EARLY_SYNC = 1 << 20  # bytes appended to a file before a background fdatasync makes them durable
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -113,13 +118,25 @@ class ChunkHasher:
 
 
 class _Appender:
-    """An .npy file written in pieces: header reserved first, patched on close. Chunk
-    digests are computed as the data goes by (all but chunk 0, which holds the header)."""
+    """An .npy file written in pieces: header reserved first, patched by `finish`. Chunk
+    digests are computed as the data goes by; chunk 0, which holds the header, by `finish`
+    from the data it holds, kept meanwhile (a chunk no larger than the header: read then).
 
-    def __init__(self, path: Path, dtype: np.dtype, chunk: int) -> None:
+    `background(fn, *args)` runs a sync in another thread: an fdatasync of the file every
+    `EARLY_SYNC` bytes (one at a time), so that the disk writes and flushes its cache while
+    the build goes on, and the fsync of `finish`, which then finds little left. The early
+    syncs add no guarantee and take none away: the fsync still runs, and `synced` raises the
+    error of any of them (a write error is reported once per open file, to whichever sync
+    comes first)."""
+
+    def __init__(self, path: Path, dtype: np.dtype, chunk: int, background: Callable[..., Future[None]]) -> None:
         self.path, self.dtype, self.length = path, np.dtype(dtype), 0
         self._hash = ChunkHasher(NPY_HEADER, chunk)
         self.digests: dict[int, bytes] = {}
+        self._head = bytearray()  # the data in chunk 0, after the header
+        self._head_room = chunk - NPY_HEADER if chunk > NPY_HEADER else 0
+        self._background, self._unsynced = background, 0
+        self._syncing: Future[None] | None = None  # the sync in flight (early or final), or a failed one
         self._f = open(path, "wb")
         self._f.write(b"\0" * NPY_HEADER)
 
@@ -127,18 +144,43 @@ class _Appender:
         data = np.ascontiguousarray(values, dtype=self.dtype)
         self._f.write(data.data)
         self._hash.update(data)
+        if len(self._head) < self._head_room:
+            self._head += data.data.cast("B")[: self._head_room - len(self._head)]
         self.length += len(values)
+        self._unsynced += data.nbytes
+        if self._unsynced >= EARLY_SYNC:
+            if self._syncing is None or (self._syncing.done() and self._syncing.exception() is None):
+                self._f.flush()
+                self._syncing = self._background(os.fdatasync, self._f.fileno())  # a failed one is kept
+                self._unsynced = 0
 
-    def close(self) -> None:
+    def synced(self) -> None:
+        """Wait for the sync in flight (the file stays open meanwhile); raise its error."""
+        if self._syncing is not None:
+            self._syncing.result()
+            self._syncing = None
+
+    def finish(self) -> None:
+        """Write the header, know every digest, and fsync and close the file in the background
+        (`synced` waits for that)."""
+        self.synced()
+        header = _npy_header(self.dtype, self.length)
         self._f.seek(0)
-        self._f.write(_npy_header(self.dtype, self.length))
+        self._f.write(header)
         self._f.flush()
+        first, run = self._hash.finish(NPY_HEADER + self.length * self.dtype.itemsize)
+        if self._head_room:  # chunk 0: the header and the data after it (the whole file when shorter)
+            first, run = 0, _chunk_digest(header + self._head) + run
+        self.digests = {first: run} if run else {}
+        self._syncing = self._background(self._fsync_close)
+
+    def _fsync_close(self) -> None:
         os.fsync(self._f.fileno())
         self._f.close()
-        first, run = self._hash.finish(NPY_HEADER + self.length * self.dtype.itemsize)
-        self.digests = {first: run} if run else {}
 
     def discard(self) -> None:
+        if self._syncing is not None:  # its descriptor must not be closed (and reused) under it
+            wait_futures([self._syncing])
         if not self._f.closed:
             self._f.close()
 
@@ -152,8 +194,8 @@ def checksum(path: Path, known: dict[int, bytes] | None = None, chunk: int | Non
     size = os.stat(path).st_size
     n = -(-size // chunk)
     h = xxhash.xxh3_128()
-    buf = bytearray(min(chunk, max(size, 1)))
-    with open(path, "rb", buffering=0) as f:
+    with contextlib.ExitStack() as stack:
+        f, buf = None, bytearray()  # opened for the first chunk not known
         k = 0
         while k < n:
             run = known.get(k)
@@ -162,6 +204,8 @@ def checksum(path: Path, known: dict[int, bytes] | None = None, chunk: int | Non
                 h.update(run)
                 k += len(run) // DIGEST
                 continue
+            if f is None:
+                f, buf = stack.enter_context(open(path, "rb", buffering=0)), bytearray(min(chunk, size))
             f.seek(k * chunk)
             got = 0
             while got < len(buf) and (step := f.readinto(memoryview(buf)[got:])):
@@ -404,6 +448,7 @@ class StoreWriter:
         self.chunk = CHUNK  # checksum chunk of this store's files
         self._done = False
         self._appenders: dict[str, _Appender] = {}
+        self._syncer: ThreadPoolExecutor | None = None  # early fdatasyncs (`_Appender`), started on demand
         self._known: dict[str, dict[int, bytes]] | None = None  # preallocated: digests from elsewhere
         try:
             make_tmp(self.tmp)  # inside: a Ctrl-C handled as mkdir returns must remove it too
@@ -425,7 +470,9 @@ class StoreWriter:
         return self.dtype if key.endswith("tokens") else np.dtype(np.int64 if key.endswith("offsets") else np.uint8)
 
     def _arrays(self, names: dict[str, str]) -> tuple[_Appender, _Appender, _Appender]:
-        tokens, mask, offsets = (_Appender(self.tmp / n, self.array_dtype(k), self.chunk) for k, n in names.items())
+        tokens, mask, offsets = (
+            _Appender(self.tmp / n, self.array_dtype(k), self.chunk, self._in_background) for k, n in names.items()
+        )
         self._appenders.update(zip(names, (tokens, mask, offsets)))
         offsets.append(np.zeros(1, dtype=np.int64))
         return tokens, mask, offsets
@@ -456,6 +503,18 @@ class StoreWriter:
         self.n_tokens, self.n_docs, self.n_supervised = lengths["tokens"], lengths["doc_offsets"] - 1, n_supervised
         self._first_tokens = lengths.get("first_tokens", 0)
         return sizes
+
+    def _in_background(self, fn: Callable[..., None], *args: Any) -> Future[None]:
+        """`fn(*args)` in the sync threads (started on demand): one sync at a time per file, the
+        early ones while appending and the fsyncs of the commit."""
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(max_workers=len(ALL_ARRAYS), thread_name_prefix="sftpack-sync")
+        return self._syncer.submit(fn, *args)
+
+    def _stop_syncer(self) -> None:
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
 
     def add_digests(self, key: str, first: int, run: bytes) -> None:
         """Digests of consecutive chunks of preallocated array `key`, computed by its writers."""
@@ -497,27 +556,34 @@ class StoreWriter:
         """Finish the arrays, write the manifest last and move the store into place.
         `check(tmp)` runs on the finished store before it is published; raising aborts."""
         files = {}
-        for appender in self._appenders.values():
-            appender.close()
-        known = self._known if self._known is not None else {k: a.digests for k, a in self._appenders.items()}
-        for key in ALL_ARRAYS:
-            if key not in known:
-                continue
-            path = self.tmp / ALL_ARRAYS[key]
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            files[key] = {
-                "path": ALL_ARRAYS[key],
-                "dtype": arr.dtype.name,
-                "length": int(arr.shape[0]),
-                "bytes": path.stat().st_size,
-                "xxh3_128_chunked": checksum_entry(path, known[key], self.chunk),
-            }
-            del arr
-        counts = {**manifest.get("counts", {}), "documents": self.n_docs, "tokens": self.n_tokens}
-        counts["supervised_tokens"] = self.n_supervised  # what was written, whatever the caller counted
-        _write_manifest(self.tmp, {"format": FORMAT, "version": VERSION, **manifest, "counts": counts, "files": files})
-        if check is not None:
-            check(self.tmp)
+        appenders = list(self._appenders.values())
+        for appender in appenders:
+            appender.finish()  # the files' fsyncs run at once, beside what follows
+        try:
+            known = self._known if self._known is not None else {k: a.digests for k, a in self._appenders.items()}
+            for key in ALL_ARRAYS:
+                if key not in known:
+                    continue
+                path = self.tmp / ALL_ARRAYS[key]
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+                files[key] = {
+                    "path": ALL_ARRAYS[key],
+                    "dtype": arr.dtype.name,
+                    "length": int(arr.shape[0]),
+                    "bytes": path.stat().st_size,
+                    "xxh3_128_chunked": checksum_entry(path, known[key], self.chunk),
+                }
+                del arr
+            counts = {**manifest.get("counts", {}), "documents": self.n_docs, "tokens": self.n_tokens}
+            counts["supervised_tokens"] = self.n_supervised  # what was written, whatever the caller counted
+            full = {"format": FORMAT, "version": VERSION, **manifest, "counts": counts, "files": files}
+            _write_manifest(self.tmp, full)
+            if check is not None:
+                check(self.tmp)
+        finally:  # every file durable before anything is published; an fsync's error comes first
+            for appender in appenders:
+                appender.synced()
+        self._stop_syncer()
         prepare_target(self.target)  # still empty or our own store: nothing was put there meanwhile
         (self.tmp / TMP_MARK).unlink()  # a complete store now: `owned_tmp` knows it without the mark
         old = None
@@ -548,6 +614,7 @@ class StoreWriter:
                 appender.discard()
             except OSError as exc:
                 first = first or exc
+        self._stop_syncer()
         removal = _remove_tree(self.tmp) if os.path.lexists(self.tmp) else None
         return first or removal
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .config import BuildOptions, make_options, resolve_seed
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
 from .pack import IGNORE_INDEX, labels_from, mask_cross_document, position_ids, positions_from_lens, seq_lens
 from .plans import ConcatPlan, Plan, PlanError, Ranges, document_order, plan_bfd, plan_concat
 from .store import Store
@@ -260,20 +260,32 @@ class View:
         return int(per_row.sum()), int((per_row == 0).sum())
 
 
-def _ones_before(mask: np.ndarray, positions: np.ndarray, step: int = 1 << 22) -> np.ndarray:
+def _ones_before(mask: np.ndarray, positions: np.ndarray, step: int = 1 << 18) -> np.ndarray:
     """How many 1s `mask[:p]` holds, for every p of `positions`, reading the mask file in
-    chunks (read, not mapped: every mapped page counts in RSS while the map lives)."""
+    chunks (read, not mapped: every mapped page counts in RSS while the map lives). A
+    chunk's running count is int32 (at most `step` bytes of at most 255: no overflow) and
+    only the wanted positions of it are widened; both buffers are reused, and small enough
+    to stay in cache."""
+    if step > (1 << 31) // 256:
+        raise ValueError(f"step {step} is too large for an int32 running count")
     order = np.argsort(positions, kind="stable")
     sorted_pos = positions[order]
     out = np.empty(len(positions), np.int64)
+    buf, running = np.empty(min(step, len(mask)), np.uint8), np.empty(min(step, len(mask)), np.int32)
     carry, done = 0, 0
-    for lo in range(0, len(mask) + 1, step):
-        hi = min(lo + step, len(mask))
-        chunk = np.fromfile(mask.filename, np.uint8, hi - lo, offset=mask.offset + lo)  # type: ignore[attr-defined]
-        cum = np.concatenate(([carry], carry + np.cumsum(chunk, dtype=np.int64)))
-        end = int(np.searchsorted(sorted_pos, hi, side="right"))
-        out[order[done:end]] = cum[sorted_pos[done:end] - lo]
-        carry, done = int(cum[-1]), end
-        if hi == len(mask):
-            break
+    filename: str = mask.filename  # type: ignore[attr-defined]
+    with open(filename, "rb") as f:
+        f.seek(mask.offset)  # type: ignore[attr-defined]
+        for lo in range(0, len(mask) + 1, step):
+            hi = min(lo + step, len(mask))
+            chunk, cum = buf[: hi - lo], running[: hi - lo]
+            if f.readinto(chunk.data) != len(chunk):
+                raise StoreError(f"{filename}: shorter than its header says (truncated)")
+            np.cumsum(chunk, dtype=np.int32, out=cum)  # cum[i]: the 1s of chunk[: i + 1]
+            end = int(np.searchsorted(sorted_pos, hi, side="right"))
+            at = sorted_pos[done:end] - lo  # 0 ..= hi - lo: the 1s of chunk[:at]
+            out[order[done:end]] = carry + (np.where(at > 0, cum[np.maximum(at - 1, 0)], 0) if len(cum) else 0)
+            carry, done = carry + (int(cum[-1]) if len(cum) else 0), end
+            if hi == len(mask):
+                break
     return out
