@@ -966,7 +966,8 @@ class ChatTemplate:
             and _S1 not in source + self.bos_token + self.eos_token
         )
         self._filled: dict[Any, _Filled | None] = {}
-        self._plans: dict[tuple[Any, ...], tuple[_Plan, list[int] | None] | None] = {}  # by `plain`'s shapes
+        # by `plain`'s shapes: the plan and the order its runs take the messages (None where none)
+        self._plans: dict[tuple[Any, ...], tuple[_Plan, list[int] | None] | None] = {}
 
     @property
     def fast_path(self) -> bool:
@@ -1187,11 +1188,14 @@ class ChatTemplate:
                 key.append((role, content[:at], content[at + len(core) :]))
             cores.append(core)
         shape = tuple(key)
-        if shape not in self._plans:
+        try:
+            found = self._plans[shape]
+        except KeyError:  # (a lookup, then a read, could miss an entry another thread cleared)
             if len(self._plans) >= 4096:
                 self._plans.clear()
-            self._plans[shape] = self._plan_of([{"role": m[role_key], "content": m[text_key]} for m in messages])
-        found = self._plans[shape]
+            found = self._plans[shape] = self._plan_of(
+                [{"role": m[role_key], "content": m[text_key]} for m in messages]
+            )
         if found is None:
             return None
         plan, order = found
