@@ -457,3 +457,25 @@ def test_batches_of_plain_and_other_records_are_the_rendered_batches():
     assert len(planned) > 4
     assert [k for _, k, _ in planned].count(True) >= len(planned) - 4  # only batches with another record rendered
     assert not any(k for _, k, _ in rendered)
+
+
+# --------------------------------------------------------------------------- found by differential testing
+# (each passes on 96ab2ec, the code before plain conversations were encoded from their plans)
+
+
+@pytest.mark.parametrize("tokenizer", ["llama3", "qwen3"])
+def test_a_batch_whose_text_pieces_are_all_empty_masks_like_any_other(tokenizer):
+    """A document made of special tokens only (its text pieces all empty, so the tokenizer
+    returns no ids at all): the mask from ids must not index the empty id array."""
+    from sftpack.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    special = "<|eot_id|>" if tokenizer == "llama3" else "<|im_end|>"
+    template = make_template("{% for m in messages %}{{ m.content }}{% endfor %}", bos_token=tok.bos_token,
+                             eos_token=tok.eos_token, special_tokens=list(tok.special_tokens))
+    doc = template.render([{"role": "user", "content": special}, {"role": "assistant", "content": special}])
+    batch = encode_documents(tok, [doc], train_on_prompt=False)
+    sid = tok.special_tokens[special]
+    body = [i for i, t in enumerate(batch.tokens.tolist()) if t == sid]
+    assert len(body) == 2
+    assert batch.mask[body].tolist() == [0, 1]  # the user's special is prompt, the assistant's trained
