@@ -471,8 +471,12 @@ def test_a_batch_whose_text_pieces_are_all_empty_masks_like_any_other(tokenizer)
 
     tok = load_tokenizer(tokenizer)
     special = "<|eot_id|>" if tokenizer == "llama3" else "<|im_end|>"
-    template = make_template("{% for m in messages %}{{ m.content }}{% endfor %}", bos_token=tok.bos_token,
-                             eos_token=tok.eos_token, special_tokens=list(tok.special_tokens))
+    template = make_template(
+        "{% for m in messages %}{{ m.content }}{% endfor %}",
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        special_tokens=list(tok.special_tokens),
+    )
     doc = template.render([{"role": "user", "content": special}, {"role": "assistant", "content": special}])
     batch = encode_documents(tok, [doc], train_on_prompt=False)
     sid = tok.special_tokens[special]
