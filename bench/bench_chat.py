@@ -19,6 +19,7 @@ Generates a seeded multi-turn OpenAI-messages corpus under bench/out/ and times:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -131,6 +132,8 @@ def main() -> None:
 
     rows = [("raw tokenizer: quicktok encode_batch on the rendered pieces", raw_s, mb),
             ("read + plan (JSON, conversation shapes, message text), one thread", render_s, mb)]
+    del planned, batches, pieces, flat  # the builds below run in a process as light as the command line's
+    gc.collect()
     for train_on_prompt in (True, False):
         for workers, how in ((1, "one process, one thread"), (0, f"{os.cpu_count()} processes")):
             options = BuildOptions(seq_length=2048, template="chat", train_on_prompt=train_on_prompt)

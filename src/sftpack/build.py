@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import gc
 import json
 import multiprocessing
 import os
@@ -622,10 +623,17 @@ def _encode_forked(
     try:
         with ProcessPoolExecutor(procs, context, _start_worker, (state, os.getpid())) as pool:
             todo = iter(shards)
-            for shard in todo:
-                pending.append((shard, pool.submit(_encode_shard, shard)))
-                if len(pending) > procs:
-                    break
+            # the workers fork at the first submit; with this process's objects frozen, their
+            # collections leave them alone (else they write to, and so copy, every page of a
+            # large process: a notebook holding a dataset)
+            gc.freeze()
+            try:
+                for shard in todo:
+                    pending.append((shard, pool.submit(_encode_shard, shard)))
+                    if len(pending) > procs:
+                        break
+            finally:
+                gc.unfreeze()
             while pending:
                 shard, future = pending.popleft()
                 try:
