@@ -636,12 +636,7 @@ def _encode_forked(
                 gc.unfreeze()
             while pending:
                 shard, future = pending.popleft()
-                try:
-                    result = future.result()
-                except BrokenProcessPool:
-                    raise SFTPackError(
-                        "a build process died (out of memory?); rebuild with fewer workers (--workers 1: one process)"
-                    ) from None
+                result = future.result()
                 for shard_next in todo:
                     pending.append((shard_next, pool.submit(_encode_shard, shard_next)))
                     break
@@ -659,6 +654,10 @@ def _encode_forked(
                 special_docs += result["special"]
                 if done is not None:
                     done(shard["length"])
+    except BrokenProcessPool:  # from a result, or from a submit after a worker died
+        raise SFTPackError(
+            "a build process died (out of memory?); rebuild with fewer workers (--workers 1: one process)"
+        ) from None
     finally:
         for _, future in pending:
             future.cancel()
