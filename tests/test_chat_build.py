@@ -268,3 +268,38 @@ def test_a_template_that_refuses_tool_calls_names_file_line(jsonl):
     path = jsonl([good, TOOL_CHAT])
     with pytest.raises(InputError, match=rf"^{path}:2: the chat template failed: .*content"):
         build(path, phi4, template="chat")
+
+
+def test_template_args_reach_the_template_and_the_fingerprint(jsonl, tmp_path, capsys):
+    """--template-arg / template_args: SmolLM3's enable_thinking=false writes "/no_think"
+    into every document; it is recorded in the manifest, and a store built without it (or
+    with another value) is another store, never reused for it."""
+    from sftpack.cli import main
+
+    path = jsonl([{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}] * 3)
+    smollm3 = str(TEMPLATES / "smollm3.jinja")
+    tok = QuicktokTokenizer("qwen3", bos_token=None, eos_token="<|im_end|>")
+
+    def text(ds) -> str:
+        return QWEN3.decode(stream(ds)[0])
+
+    plain = build(path, tok, 64, template=smollm3, cache_dir=tmp_path / "c")
+    off = build(path, tok, 64, template=smollm3, template_args={"enable_thinking": False}, cache_dir=tmp_path / "c")
+    on = build(path, tok, 64, template=smollm3, template_args={"enable_thinking": True}, cache_dir=tmp_path / "c")
+    assert "/no_think" in text(off) and "/no_think" not in text(plain) and "/think" in text(plain)
+    assert text(on) == text(plain)  # the template's default
+    assert len({plain.path, off.path, on.path}) == 3  # three fingerprints: none reused for another
+    manifest = json.loads((Path(off.path) / "manifest.json").read_text())
+    assert manifest["options"]["template_args"] == {"enable_thinking": False}
+    assert "template_args" not in json.loads((Path(plain.path) / "manifest.json").read_text())["options"]
+
+    out = tmp_path / "cli"
+    assert main(["build", str(path), "--out", str(out), "--template", smollm3, "--tokenizer", "qwen3",
+                 "--seq-length", "64", "--template-arg", "enable_thinking=false", "--quiet"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["options"]["template_args"] == {"enable_thinking": False}
+    assert main(["build", str(path), "--out", str(tmp_path / "bad"), "--template-arg", "x=1", "--seq-length",
+                 "64", "--quiet"]) == 1
+    assert "variables of a Jinja chat template" in capsys.readouterr().err
+    assert main(["build", str(path), "--out", str(tmp_path / "bad"), "--template", smollm3, "--tokenizer",
+                 "qwen3", "--template-arg", "enable_thinking", "--seq-length", "64", "--quiet"]) == 1
+    assert "NAME=VALUE" in capsys.readouterr().err

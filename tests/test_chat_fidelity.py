@@ -388,3 +388,38 @@ def test_smollm3_no_think_flag_trains_the_think_block_it_writes(oracle, name):
     answers = [p.split("<think>\n\n</think>\n")[-1].removesuffix("\n") for p in pieces]
     assert answers == ["Hello a1word<|im_end|>", "Bye a2word<|im_end|>"]
     assert all("<think>\n\n</think>\n" in p for p in pieces)
+
+
+ARGS = [("smollm3", {"enable_thinking": False}), ("smollm3", {"enable_thinking": True}),
+        ("smollm3_xml_tools", {"enable_thinking": False}), ("qwen3", {"enable_thinking": False}),
+        ("smollm3_xml_tools", {"xml_tools": [{"type": "function", "function": {"name": "get_weather",
+                                                                               "parameters": {}}}]})]
+
+
+@pytest.mark.parametrize("name, args", ARGS)
+@pytest.mark.parametrize("conv", ["system-multi-turn", "no-system", "tools", "reasoning-field"])
+def test_template_args_render_as_apply_chat_template_kwargs(oracle, name, args, conv):
+    """`template_args` are the `**kwargs` of apply_chat_template: variables of the template."""
+    chat = CORPUS[conv]
+    t = template(name, template_args=args)
+    expected = oracle(name, chat, **args)
+    assert t.render_text(chat) == expected
+    doc = t.render(chat)
+    assert doc.text in expected and doc.trained  # rendered, not only its text, and trained
+    if name.startswith("smollm3") and "enable_thinking" in args and conv != "reasoning-field":
+        # (the argument reaches the template: SmolLM3 writes its reasoning mode into the system prompt)
+        assert ("/no_think" in expected) == (not args["enable_thinking"]), expected
+        assert ("/no_think" in doc.text) == (not args["enable_thinking"])
+
+
+@pytest.mark.parametrize("args, error", [
+    ({"messages": []}, "passed by sftpack itself"),
+    ({"bos_token": "<s>"}, "passed by sftpack itself"),
+    ({"not a name": 1}, "not a variable name"),
+    ({"x": object()}, "must be JSON"),
+    ({"x": float("nan")}, "must be JSON"),
+    (["enable_thinking"], "must be a mapping"),
+])
+def test_template_args_that_cannot_be_passed_are_refused(args, error):
+    with pytest.raises(ConfigError, match=error):
+        template("smollm3", template_args=args)

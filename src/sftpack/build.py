@@ -227,6 +227,7 @@ def schema_and_template(options: BuildOptions, tok: Tokenizer) -> tuple[Schema, 
         special_tokens=list(tok.special_tokens),
         last_turn_only=options.last_turn_only,
         reasoning=options.reasoning,
+        template_args=options.template_args,
     )
     return schema, template
 

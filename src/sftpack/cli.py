@@ -23,6 +23,22 @@ def _fields(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _template_args(pairs: Sequence[str]) -> dict[str, Any]:
+    """--template-arg NAME=VALUE: the value as JSON where it parses (false, 3, ["a"]), else the text."""
+    import json
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--template-arg takes NAME=VALUE (for example enable_thinking=false), got {pair!r}")
+        try:
+            out[name] = json.loads(text)
+        except ValueError:
+            out[name] = text
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     # --debug is accepted before and after the command; SUPPRESS keeps one from resetting the other
     debug = argparse.ArgumentParser(add_help=False)
@@ -90,8 +106,8 @@ def _option_flags(
             continue
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
-        if f.name == "fields":
-            kw.update(action="append", default=[], metavar="NAME=KEY")
+        if f.name in ("fields", "template_args"):
+            kw.update(action="append", default=[], metavar="NAME=KEY" if f.name == "fields" else "NAME=VALUE")
         elif f.type.startswith("bool"):
             kw.update(
                 action="store_false" if flag.startswith("--no-") else "store_true",
@@ -209,7 +225,9 @@ def _build(args: argparse.Namespace) -> int:
     from .config import BuildOptions, option_fields
 
     values = {f.name: getattr(args, f.name) for f in option_fields()}
-    options = BuildOptions(**{**values, "fields": _fields(args.fields)})
+    options = BuildOptions(
+        **{**values, "fields": _fields(args.fields), "template_args": _template_args(args.template_args)}
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = build(

@@ -85,6 +85,13 @@ class BuildOptions:
         "train",
         choices=("train", "mask", "rendered"),
     )
+    template_args: Mapping[str, Any] = _opt(
+        "store",
+        "a variable for the chat template, as apply_chat_template(**kwargs) passes it: NAME=VALUE, the value as "
+        "JSON where it parses (enable_thinking=false), else as text",
+        factory=dict,
+        flag="--template-arg",
+    )
     special_tokens: str = _opt(
         "store",
         "special-token strings in user text: parse them (reference) or keep them as text",
@@ -120,9 +127,10 @@ class BuildOptions:
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.ray_address is not None and (not isinstance(self.ray_address, str) or self.engine != "ray"):
             raise ConfigError(f"ray_address={self.ray_address!r} needs engine='ray' and a string address")
-        from .templates import Schema
+        from .templates import Schema, check_template_args
 
         Schema(self.schema, self.fields)
+        check_template_args(self.template_args)
 
     def group(self, name: str) -> dict[str, Any]:
         """The options of one group as plain JSON values (for fingerprints and manifests)."""
@@ -130,8 +138,12 @@ class BuildOptions:
         for f in fields(self):
             if f.metadata["group"] == name:
                 value = getattr(self, f.name)
+                if f.name == "template_args" and not value:
+                    continue  # (absent, as in the stores built before the option: their fingerprints hold)
                 out[f.name] = (
-                    dict(sorted(value.items())) if f.name == "fields" else (int(value) if _is_int(value) else value)
+                    dict(sorted(value.items()))
+                    if isinstance(value, Mapping)
+                    else (int(value) if _is_int(value) else value)
                 )
         return out
 

@@ -936,9 +936,12 @@ class ChatTemplate:
         special_tokens: Sequence[str] = (),
         last_turn_only: bool = False,
         reasoning: str = "train",
+        template_args: Mapping[str, Any] | None = None,
     ) -> None:
         from jinja2.exceptions import TemplateError
 
+        check_template_args(template_args or {})
+        self.template_args = dict(template_args or {})
         if reasoning not in REASONING_MODES:
             raise ConfigError(f"reasoning={reasoning!r} is not one of {', '.join(map(repr, REASONING_MODES))}")
         env = _sandbox()
@@ -976,7 +979,8 @@ class ChatTemplate:
         return self._verbatim
 
     def fingerprint(self) -> str:
-        return f"chat2:{xxhash.xxh3_64_hexdigest(self.source.encode())}:{self.last_turn_only}:{self.reasoning}"
+        args = f":{json.dumps(self.template_args, sort_keys=True)}" if self.template_args else ""
+        return f"chat2:{xxhash.xxh3_64_hexdigest(self.source.encode())}:{self.last_turn_only}:{self.reasoning}{args}"
 
     # ---------------------------------------------------------------- rendering
 
@@ -986,6 +990,7 @@ class ChatTemplate:
         from jinja2.exceptions import TemplateError
 
         variables = {
+            **self.template_args,
             "messages": [_alias_reasoning(m) for m in messages],
             "tools": tools,
             "documents": None,
@@ -1495,6 +1500,41 @@ Template = PromptTemplate | StanfordAlpacaTemplate | ChatTemplate
 NAMED = ("alpaca", "stanford_alpaca", "chat")
 
 
+# what sftpack passes a chat template itself, or defines for it: not to be given again
+_RESERVED_ARGS = (
+    "messages",
+    "tools",
+    "documents",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+    "raise_exception",
+    "strftime_now",
+)
+
+
+def check_template_args(args: Any) -> None:
+    """Chat template variables (`template_args`): a mapping of names to JSON values (they are
+    recorded in the manifest), none of them one sftpack passes itself."""
+    if not isinstance(args, Mapping):
+        raise ConfigError(f"template_args must be a mapping of names to values, got {_type(args)}")
+    for name, value in args.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"template_args: {name!r} is not a variable name")
+        if name in _RESERVED_ARGS:
+            raise ConfigError(
+                f"template_args: {name!r} is passed by sftpack itself (from the data and the tokenizer); "
+                "it cannot be given"
+            )
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"template_args: the value of {name!r} must be JSON (text, a number, true/false, null, a list "
+                f"or an object), got {_type(value)}"
+            ) from None
+
+
 def make_template(
     spec: str,
     *,
@@ -1504,13 +1544,14 @@ def make_template(
     special_tokens: Sequence[str] = (),
     last_turn_only: bool = False,
     reasoning: str = "train",
+    template_args: Mapping[str, Any] | None = None,
 ) -> Template:
     """Resolve `template=`: "alpaca", "stanford_alpaca", "chat", a template string, or a path
-    to a template file."""
-    if spec == "alpaca":
-        return PromptTemplate(ALPACA_TEMPLATE)
-    if spec == "stanford_alpaca":
-        return StanfordAlpacaTemplate()
+    to a template file. `template_args`: variables for a chat template (its `**kwargs`)."""
+    if spec in ("alpaca", "stanford_alpaca"):
+        return _prompt_template(
+            PromptTemplate(ALPACA_TEMPLATE) if spec == "alpaca" else StanfordAlpacaTemplate(), template_args
+        )
     if spec == "chat":
         if not chat_template:
             raise ConfigError(
@@ -1541,5 +1582,14 @@ def make_template(
             special_tokens=special_tokens,
             last_turn_only=last_turn_only,
             reasoning=reasoning,
+            template_args=template_args,
         )
-    return PromptTemplate(source)
+    return _prompt_template(PromptTemplate(source), template_args)
+
+
+def _prompt_template(template: Template, template_args: Mapping[str, Any] | None) -> Template:
+    if template_args:
+        raise ConfigError(
+            "template_args are variables of a Jinja chat template; this template is a prompt template (placeholders)"
+        )
+    return template
