@@ -303,3 +303,40 @@ def test_template_args_reach_the_template_and_the_fingerprint(jsonl, tmp_path, c
     assert main(["build", str(path), "--out", str(tmp_path / "bad"), "--template", smollm3, "--tokenizer",
                  "qwen3", "--template-arg", "enable_thinking", "--seq-length", "64", "--quiet"]) == 1
     assert "NAME=VALUE" in capsys.readouterr().err
+
+
+def _warned(path, tok, **kwargs) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PackedSFTDataset(tok, path, seq_length=16, **kwargs)
+    return [str(w.message) for w in caught if "chat template" in str(w.message)]
+
+
+REASONED = {"messages": [
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "reasoning_content": "Two and two.", "content": "4"},
+    {"role": "user", "content": "3+3?"},
+    {"role": "assistant", "reasoning_content": "Three and three.", "content": "6"},
+]}
+
+
+def test_a_template_that_drops_tool_calls_or_all_reasoning_is_warned_of(jsonl):
+    """Data the template does not render is not trained: a build says so (tool calls the
+    bundled Llama-3 template drops, reasoning no turn of which is rendered), and stays quiet
+    where the template renders them (Llama 3.1 tool calls; Qwen3 renders the last turn's
+    reasoning) or reasoning is not trained anyway."""
+    tools, reasoned = jsonl([TOOL_CHAT] * 3, "tools.jsonl"), jsonl([REASONED] * 3, "reasoned.jsonl")
+    dropped = _warned(tools, "llama3", template="chat")
+    assert len(dropped) == 1 and "tool calls of 3 of 3 assistant messages" in dropped[0], dropped
+    llama31 = str(TEMPLATES / "llama3_1.jinja")
+    assert _warned(tools, "llama3", template=llama31) == []
+    dropped = _warned(reasoned, "llama3", template="chat")
+    assert len(dropped) == 1 and "reasoning of none of the 6 assistant messages" in dropped[0], dropped
+    assert _warned(reasoned, "llama3", template="chat", reasoning="mask") == []
+    assert _warned(reasoned, qwen_like("qwen3"), template="chat") == []
+    think = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>r</think>a"}]}
+    think = jsonl([think] * 2, "think.jsonl")  # reasoning in the content: Llama 3 writes it as it is
+    assert _warned(think, "llama3", template="chat") == []
+    assert _warned(think, qwen_like("qwen3"), template="chat") == []
+    r1 = str(TEMPLATES / "deepseek_r1_distill.jinja")  # cuts every answer's reasoning
+    assert "reasoning of none of the 2" in _warned(think, "llama3", template=r1)[0]

@@ -191,6 +191,8 @@ def build(
                     record_defaults(out, **_recorded_of(options))
             else:
                 summary = _write_store(reader, out, fp, tok, schema, template, options, progress, tokenizer, workers)
+                for message in _unrendered(reader, schema, template):
+                    warnings.warn(message, stacklevel=2)
     except LockUnavailable as exc:
         # a read-only cache or store: an up-to-date store there is still served, as built
         store = None if force else _up_to_date(out, fp)
@@ -345,6 +347,38 @@ def _write_store(
         writer.commit(manifest(fp, tok, options, writer, special_docs, reader.total_bytes), check=check)
     checked[0].path = out
     return checked[0]
+
+
+def _unrendered(reader: RecordReader, schema: Schema, template: Template) -> list[str]:
+    """Warnings for what the data holds and the chat template does not render (so it is not
+    trained), from the first records: any tool call, or every turn's reasoning."""
+    if not isinstance(template, ChatTemplate):
+        return []
+    counts = [0, 0, 0, 0]
+    kind = None
+    try:
+        for n, record in enumerate(RecordReader(reader.paths)):
+            if n == SAMPLE_DOCS or counts[0] + counts[2] >= 64:
+                break
+            kind = kind or schema.detect(record)
+            counts = [a + b for a, b in zip(counts, template.unrendered(schema.turns(record, kind)))]
+    except SFTPackError:
+        pass  # (the build read them: a file changed since)
+    calls, dropped_calls, reasoning, dropped_reasoning = counts
+    out = []
+    if dropped_calls:
+        out.append(
+            f"the chat template does not render the tool calls of {dropped_calls} of {calls} assistant messages "
+            "that have them (in the first records): they are not in the store, nor trained; use a template that "
+            "renders tool calls (Llama 3.1's, Qwen's, Mistral's, ...; the bundled Llama-3 'chat' renders none)"
+        )
+    if reasoning and dropped_reasoning == reasoning and template.reasoning == "train":
+        out.append(
+            f"the chat template renders the reasoning of none of the {reasoning} assistant messages that have it "
+            "(in the first records): it is not in the store, nor trained; use a template that renders reasoning "
+            "(Qwen3's, DeepSeek-R1's, SmolLM3's, ...)"
+        )
+    return out
 
 
 def manifest(

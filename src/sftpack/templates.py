@@ -1022,6 +1022,44 @@ class ChatTemplate:
         chat = as_chat(turns)
         return self._render(chat.messages, chat.tools)[0]
 
+    def unrendered(self, turns: Chat | Sequence[Any]) -> tuple[int, int, int, int]:
+        """(assistant messages with tool calls, of those the ones whose tool calls the template
+        does not render, messages with reasoning, of those the ones whose reasoning it does not
+        render): a message's part is not rendered where the text is the same without it."""
+        chat = as_chat(turns)
+        if not any(
+            m.get("tool_calls") or any(m.get(k) for k in _REASONING_FIELDS) or _THINK_CLOSE in str(m.get("content"))
+            for m in chat.messages
+            if m.get("role") == "assistant"
+        ):
+            return 0, 0, 0, 0  # (nothing to look for: not rendered)
+        try:
+            text = self.render_text(chat)
+        except ConfigError:
+            return 0, 0, 0, 0
+        counts = [0, 0, 0, 0]
+        for i, m in enumerate(chat.messages):
+            if m.get("role") != "assistant":
+                continue
+            content = m.get("content")
+            without: list[tuple[int, Message]] = []
+            if m.get("tool_calls"):
+                without.append((0, {k: v for k, v in m.items() if k != "tool_calls"}))
+            fields = [k for k in _REASONING_FIELDS if m.get(k)]
+            if fields:
+                without.append((2, {k: v for k, v in m.items() if k not in fields}))
+            elif isinstance(content, str) and _THINK_CLOSE in content:  # reasoning in the content
+                without.append((2, {**m, "content": content.split(_THINK_CLOSE)[-1].lstrip("\n")}))
+            for at, message in without:
+                counts[at] += 1
+                try:
+                    same = self.render_text(Chat([*chat.messages[:i], message, *chat.messages[i + 1 :]], chat.tools))
+                except ConfigError:
+                    continue
+                counts[at + 1] += same == text
+        calls, dropped_calls, reasoning, dropped_reasoning = counts
+        return calls, dropped_calls, reasoning, dropped_reasoning
+
     def _turn_markers(self) -> tuple[list[str], str | None, str]:
         """The generation prompt (what inference writes before the model's turn; with its
         shorter forms up to a special token), the end-of-turn text, and what stands between
