@@ -340,3 +340,33 @@ def test_a_template_that_drops_tool_calls_or_all_reasoning_is_warned_of(jsonl):
     assert _warned(think, qwen_like("qwen3"), template="chat") == []
     r1 = str(TEMPLATES / "deepseek_r1_distill.jinja")  # cuts every answer's reasoning
     assert "reasoning of none of the 2" in _warned(think, "llama3", template=r1)[0]
+
+
+def test_a_store_is_not_reused_for_template_args_that_render_differently(jsonl, tmp_path):
+    """Nested key order is kept by tojson (as transformers' is): xml_tools with the keys in
+    another order render another text, so the store built first must not be reused for it."""
+    from sftpack.templates import ChatTemplate
+
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    path = jsonl([row])
+    src = ("{{ bos_token }}{{ tools_json | tojson }}{% for m in messages %}<|start_header_id|>{{ m.role }}"
+           "<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{% endfor %}")
+    first, second = {"tools_json": [{"name": "f", "type": "x"}]}, {"tools_json": [{"type": "x", "name": "f"}]}
+    build(path, "llama3", 8, template=src, template_args=first, cache_dir=tmp_path / "c")
+    ds = build(path, "llama3", 8, template=src, template_args=second, cache_dir=tmp_path / "c")
+    expected = ChatTemplate(src, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                            template_args=second).render_text(row["messages"])
+    assert LLAMA3.decode(stored_units(ds)[0]).startswith(expected)
+
+
+def test_cli_template_arg_that_json_reads_as_nan_is_text(jsonl, tmp_path, capsys):
+    """--template-arg NAME=VALUE: "the value as JSON where it parses, else as text"; NaN and
+    Infinity are not JSON (json.loads takes them as floats the options then refuse)."""
+    from sftpack.cli import main
+
+    path = jsonl([{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}])
+    out = tmp_path / "o"
+    rc = main(["build", str(path), "--out", str(out), "--template", str(TEMPLATES / "smollm3.jinja"),
+               "--tokenizer", "qwen3", "--seq-length", "64", "--template-arg", "x=NaN", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text())["options"]["template_args"] == {"x": "NaN"}

@@ -423,3 +423,17 @@ def test_template_args_render_as_apply_chat_template_kwargs(oracle, name, args, 
 def test_template_args_that_cannot_be_passed_are_refused(args, error):
     with pytest.raises(ConfigError, match=error):
         template("smollm3", template_args=args)
+
+
+@pytest.mark.parametrize("a, b", [
+    ({"x": {"b": 1, "a": 2}}, {"x": {"a": 2, "b": 1}}),  # nested key order: tojson (and transformers) keep it
+    ({"x": (1, 2)}, {"x": [1, 2]}),  # a tuple renders "(1, 2)", a list "[1, 2]"
+])
+def test_template_args_that_render_differently_have_different_fingerprints(a, b):
+    """The fingerprint keys the store: args equal under sort_keys JSON but rendered differently
+    must not share one (else a store built with `a` is reused for `b`, with `a`'s text)."""
+    src = "{% for m in messages %}{{ m.content }}{% endfor %}|{{ x }}|{{ x | tojson }}"
+    ta, tb = (ChatTemplate(src, bos_token=None, eos_token=None, template_args=args) for args in (a, b))
+    chat = CORPUS["no-system"]
+    if ta.render_text(chat) != tb.render_text(chat):
+        assert ta.fingerprint() != tb.fingerprint()
