@@ -370,3 +370,27 @@ def test_cli_template_arg_that_json_reads_as_nan_is_text(jsonl, tmp_path, capsys
                "--tokenizer", "qwen3", "--seq-length", "64", "--template-arg", "x=NaN", "--quiet"])
     assert rc == 0, capsys.readouterr().err
     assert json.loads((out / "manifest.json").read_text())["options"]["template_args"] == {"x": "NaN"}
+
+
+def test_the_unrendered_check_is_bounded_in_one_long_record(jsonl, monkeypatch):
+    """The check stops after 64 messages with tool calls or reasoning, but inside one record
+    it renders the whole conversation once per such message: an agentic trajectory of n tool
+    calls costs n + 1 renders of n turns (1,000 calls: 25 s here, 255 renders' time)."""
+    from sftpack import build as build_mod
+    from sftpack.records import RecordReader
+    from sftpack.templates import ChatTemplate, Schema
+
+    messages = []
+    for i in range(200):
+        messages += [{"role": "user", "content": f"q{i}"},
+                     {"role": "assistant", "content": None, "tool_calls": [
+                         {"type": "function", "function": {"name": "f", "arguments": {"a": i}}}]},
+                     {"role": "tool", "content": "r"}, {"role": "assistant", "content": f"a{i}"}]
+    path = jsonl([{"messages": messages}])
+    template = ChatTemplate((TEMPLATES / "qwen2_5.jinja").read_text(encoding="utf-8"), bos_token=None,
+                            eos_token="<|im_end|>")
+    renders = []
+    real = ChatTemplate.render_text
+    monkeypatch.setattr(ChatTemplate, "render_text", lambda self, turns: renders.append(1) or real(self, turns))
+    assert build_mod._unrendered(RecordReader([Path(path)]), Schema("auto", {}), template) == []
+    assert len(renders) <= 65, len(renders)
