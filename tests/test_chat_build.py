@@ -394,3 +394,25 @@ def test_the_unrendered_check_is_bounded_in_one_long_record(jsonl, monkeypatch):
     monkeypatch.setattr(ChatTemplate, "render_text", lambda self, turns: renders.append(1) or real(self, turns))
     assert build_mod._unrendered(RecordReader([Path(path)]), Schema("auto", {}), template) == []
     assert len(renders) <= 65, len(renders)
+
+
+def test_a_template_arg_holding_the_fast_paths_markers_is_rendered_as_it_is(jsonl):
+    """The fast path renders a skeleton with marker strings for the messages' text and fills
+    them in; it is ruled out where the template, BOS or EOS hold a marker, but not where a
+    template arg does: the arg's "⦃0⦄" was filled with the user's text (a silently wrong store).
+    (A build without the fast path refuses such an arg as a template that cannot be masked.)"""
+    from sftpack.templates import ChatTemplate
+
+    src = ("{{ bos_token }}{% if greet %}<|start_header_id|>system<|end_header_id|>\n\n{{ greet }}<|eot_id|>"
+           "{% endif %}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+           "{{ m.content | trim }}<|eot_id|>{% endfor %}")
+    args = {"greet": "\u29830\u2984 \u29831\u2984"}
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    try:
+        ds = build(jsonl([row] * 2), "llama3", 8, template=src, template_args=args)
+    except InputError as exc:
+        assert "differently depending on its text" in str(exc)
+        return
+    expected = ChatTemplate(src, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                            template_args=args).render_text(row["messages"])
+    assert LLAMA3.decode(stored_units(ds)[0]) == expected + "<|end_of_text|>"

@@ -361,7 +361,10 @@ def _unrendered(reader: RecordReader, schema: Schema, template: Template) -> lis
             if n == SAMPLE_DOCS or counts[0] + counts[2] >= 64:
                 break
             kind = kind or schema.detect(record)
-            counts = [a + b for a, b in zip(counts, template.unrendered(schema.turns(record, kind)))]
+            counts = [
+                a + b
+                for a, b in zip(counts, template.unrendered(schema.turns(record, kind), 64 - counts[0] - counts[2]))
+            ]
     except SFTPackError:
         pass  # (the build read them: a file changed since)
     calls, dropped_calls, reasoning, dropped_reasoning = counts

@@ -23,6 +23,10 @@ def _fields(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _not_json(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
 def _template_args(pairs: Sequence[str]) -> dict[str, Any]:
     """--template-arg NAME=VALUE: the value as JSON where it parses (false, 3, ["a"]), else the text."""
     import json
@@ -33,7 +37,7 @@ def _template_args(pairs: Sequence[str]) -> dict[str, Any]:
         if not sep or not name:
             raise ConfigError(f"--template-arg takes NAME=VALUE (for example enable_thinking=false), got {pair!r}")
         try:
-            out[name] = json.loads(text)
+            out[name] = json.loads(text, parse_constant=_not_json)  # (NaN, Infinity: text)
         except ValueError:
             out[name] = text
     return out

@@ -941,7 +941,8 @@ class ChatTemplate:
         from jinja2.exceptions import TemplateError
 
         check_template_args(template_args or {})
-        self.template_args = dict(template_args or {})
+        # as JSON reads them back (the manifest's form: a tuple is a list), nested keys in their order (tojson keeps it)
+        self.template_args: dict[str, Any] = json.loads(json.dumps(dict(template_args or {})))
         if reasoning not in REASONING_MODES:
             raise ConfigError(f"reasoning={reasoning!r} is not one of {', '.join(map(repr, REASONING_MODES))}")
         env = _sandbox()
@@ -965,8 +966,8 @@ class ChatTemplate:
         # the fast path (see `_render_filled`): proven from the syntax tree, never assumed
         self._verbatim = (
             content_is_verbatim(env.parse(source))
-            and _S0 not in source + self.bos_token + self.eos_token
-            and _S1 not in source + self.bos_token + self.eos_token
+            and _S0 not in source + self.bos_token + self.eos_token + json.dumps(self.template_args, ensure_ascii=False)
+            and _S1 not in source + self.bos_token + self.eos_token + json.dumps(self.template_args, ensure_ascii=False)
         )
         self._filled: dict[Any, _Filled | None] = {}
         # by `plain`'s shapes: the plan and the order its runs take the messages (None where none)
@@ -979,7 +980,7 @@ class ChatTemplate:
         return self._verbatim
 
     def fingerprint(self) -> str:
-        args = f":{json.dumps(self.template_args, sort_keys=True)}" if self.template_args else ""
+        args = f":{json.dumps(dict(sorted(self.template_args.items())))}" if self.template_args else ""
         return f"chat2:{xxhash.xxh3_64_hexdigest(self.source.encode())}:{self.last_turn_only}:{self.reasoning}{args}"
 
     # ---------------------------------------------------------------- rendering
@@ -1022,10 +1023,11 @@ class ChatTemplate:
         chat = as_chat(turns)
         return self._render(chat.messages, chat.tools)[0]
 
-    def unrendered(self, turns: Chat | Sequence[Any]) -> tuple[int, int, int, int]:
+    def unrendered(self, turns: Chat | Sequence[Any], limit: int = 64) -> tuple[int, int, int, int]:
         """(assistant messages with tool calls, of those the ones whose tool calls the template
         does not render, messages with reasoning, of those the ones whose reasoning it does not
-        render): a message's part is not rendered where the text is the same without it."""
+        render): a message's part is not rendered where the text is the same without it. At most
+        `limit` parts are looked at (each costs a render of the whole conversation)."""
         chat = as_chat(turns)
         if not any(
             m.get("tool_calls") or any(m.get(k) for k in _REASONING_FIELDS) or _THINK_CLOSE in str(m.get("content"))
@@ -1041,6 +1043,8 @@ class ChatTemplate:
         for i, m in enumerate(chat.messages):
             if m.get("role") != "assistant":
                 continue
+            if counts[0] + counts[2] >= limit:
+                break
             content = m.get("content")
             without: list[tuple[int, Message]] = []
             if m.get("tool_calls"):
