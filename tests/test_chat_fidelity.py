@@ -437,3 +437,10 @@ def test_template_args_that_render_differently_have_different_fingerprints(a, b)
     chat = CORPUS["no-system"]
     if ta.render_text(chat) != tb.render_text(chat):
         assert ta.fingerprint() != tb.fingerprint()
+
+
+def test_a_template_arg_named_self_is_a_variable_not_a_python_clash(oracle):
+    """Variables reach Jinja as a mapping: "self" (any identifier) is a variable like the
+    others, not a clash with Template.render's own parameter at build time."""
+    chat = CORPUS["no-system"]
+    assert template("qwen3", template_args={"self": 1}).render_text(chat) == oracle("qwen3", chat)
