@@ -1005,13 +1005,13 @@ class ChatTemplate:
                 blocks: list[str] = []
                 token = self._tracking.set((blocks, spans))
                 try:
-                    for block in self._template.generate(**variables):
+                    for block in self._template.generate(variables):
                         blocks.append(block)
                 finally:
                     self._tracking.reset(token)
                 text = "".join(blocks)
             else:
-                text = self._template.render(**variables)
+                text = self._template.render(variables)
         except TemplateError as exc:
             raise ConfigError(f"the chat template failed: {exc}") from None
         except Exception as exc:  # the template's own bug: {{ 1/0 }}, endless macro recursion, {% include %}
