@@ -444,3 +444,24 @@ def test_a_template_arg_named_self_is_a_variable_not_a_python_clash(oracle):
     others, not a clash with Template.render's own parameter at build time."""
     chat = CORPUS["no-system"]
     assert template("qwen3", template_args={"self": 1}).render_text(chat) == oracle("qwen3", chat)
+
+
+def test_a_template_that_reads_the_clock_is_another_store_on_another_day(monkeypatch):
+    """Llama 3.2 writes today's date (strftime_now): its fingerprint holds the date, so a
+    store built yesterday is not reused for today's rendering; other templates' do not."""
+    import datetime
+
+    class Day(datetime.datetime):
+        day_of = datetime.datetime(2026, 1, 1)
+
+        @classmethod
+        def now(cls, tz=None):
+            return cls.day_of
+
+    monkeypatch.setattr(datetime, "datetime", Day)
+    fingerprints = {}
+    for day in (datetime.datetime(2026, 1, 1), datetime.datetime(2026, 1, 2)):
+        Day.day_of = day
+        fingerprints[day.day] = (template("llama3_2").fingerprint(), template("qwen3").fingerprint())
+    assert fingerprints[1][0] != fingerprints[2][0]  # reads the clock
+    assert fingerprints[1][1] == fingerprints[2][1]  # does not

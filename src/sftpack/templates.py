@@ -980,7 +980,14 @@ class ChatTemplate:
         return self._verbatim
 
     def fingerprint(self) -> str:
+        """What decides the rendering: the source and options, the arguments, and for a template
+        that reads the clock (Llama 3.2's date line) today's date: a store built on another day
+        holds another date, and is not reused (pin one with a template argument: date_string)."""
         args = f":{json.dumps(dict(sorted(self.template_args.items())))}" if self.template_args else ""
+        if "strftime_now" in self.source:
+            from datetime import datetime
+
+            args += f":{datetime.now():%Y-%m-%d}"
         return f"chat2:{xxhash.xxh3_64_hexdigest(self.source.encode())}:{self.last_turn_only}:{self.reasoning}{args}"
 
     # ---------------------------------------------------------------- rendering
