@@ -256,6 +256,22 @@ def _without_pieces(docs):
     return [Rendered(d.text, d.trained, d.content, d.train_eos) for d in docs]
 
 
+def _planned_taken(monkeypatch) -> list[bool]:
+    """Whether each batch from here on took the route from plans (`_encode_planned`)."""
+    import sftpack.tokenize as tokenize
+
+    taken = []
+    original = tokenize._encode_planned
+
+    def spy(*args):
+        out = original(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tokenize, "_encode_planned", spy)
+    return taken
+
+
 STRADDLING = (  # literals that text beside them can complete into a special token
     "{% for m in messages %}<|eot{{ m.content }}_id|>{% endfor %}",
     "{% for m in messages %}[{{ m.content }}_id|><|start_header_id|>{{ m.role }}{% endfor %}",
@@ -270,7 +286,6 @@ def test_documents_cut_from_their_literals_equal_the_split_of_their_text(source,
     """The fast path's documents are cut into pieces from their shape's literals (the
     message text checked); the result must be the split of the text itself, also where a
     literal could form a special token with the text beside it (then the text is split)."""
-    import sftpack.tokenize as tokenize
     from sftpack.tokenizers import load_tokenizer
 
     tok = load_tokenizer("llama3")
@@ -292,15 +307,7 @@ def test_documents_cut_from_their_literals_equal_the_split_of_their_text(source,
     ]
     docs = [template.render(r) for r in rows]
     assert sum(d.plan is not None for d in docs) > 250
-    taken = []
-    original = tokenize._encode_planned
-
-    def spy(*args):
-        out = original(*args)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(tokenize, "_encode_planned", spy)
+    taken = _planned_taken(monkeypatch)
     for chunk in (docs[:100], docs[100:200], docs[200:]):
         clean = [d for d in chunk if not any(tok.special_pattern.search(v) for v in d.values or ["<|eot_id|>"])]
         assert clean
@@ -361,7 +368,6 @@ def test_plain_conversations_encoded_from_their_plans_equal_their_rendered_docum
     every shape in one batch, runs taken out of order or twice, the BOS / EOS cuts of
     tokenizers with and without BOS, and batches that must fall back (a special token in
     the text, literals a special token could straddle)."""
-    import sftpack.tokenize as tokenize
     from sftpack.templates import Planned
     from sftpack.tokenizers import load_tokenizer
 
@@ -369,15 +375,7 @@ def test_plain_conversations_encoded_from_their_plans_equal_their_rendered_docum
     template = make_template(
         source, bos_token=tok.bos_token, eos_token=tok.eos_token, special_tokens=list(tok.special_tokens)
     )
-    taken = []
-    original = tokenize._encode_planned
-
-    def spy(*args):
-        out = original(*args)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(tokenize, "_encode_planned", spy)
+    taken = _planned_taken(monkeypatch)
     for seed, specials in ((4, False), (5, True)):
         batch = Planned()
         for messages in plain_rows(200, seed, specials):
