@@ -223,13 +223,7 @@ def test_one_split_for_the_batch_equals_one_per_document(train_on_prompt):
     from sftpack.tokenizers import load_tokenizer
 
     tok = load_tokenizer("llama3")
-    template = make_template(
-        "chat",
-        chat_template=tok.chat_template,
-        bos_token=tok.bos_token,
-        eos_token=tok.eos_token,
-        special_tokens=list(tok.special_tokens),
-    )
+    template = _bundled_chat(tok)
     docs = []
     for row in corpus(400, seed=2):
         try:
@@ -254,6 +248,14 @@ def _without_pieces(docs):
     from sftpack.templates import Rendered
 
     return [Rendered(d.text, d.trained, d.content, d.train_eos) for d in docs]
+
+
+def _bundled_chat(tok):
+    """`tok`'s own chat template, as a build with template="chat" makes it."""
+    from sftpack.build import schema_and_template
+    from sftpack.config import BuildOptions
+
+    return schema_and_template(BuildOptions(seq_length=1, template="chat"), tok)[1]
 
 
 def _planned_taken(monkeypatch) -> list[bool]:
@@ -414,13 +416,7 @@ def test_batches_of_plain_and_other_records_are_the_rendered_batches():
     from sftpack.tokenizers import load_tokenizer
 
     tok = load_tokenizer("llama3")
-    template = make_template(
-        "chat",
-        chat_template=tok.chat_template,
-        bos_token=tok.bos_token,
-        eos_token=tok.eos_token,
-        special_tokens=list(tok.special_tokens),
-    )
+    template = _bundled_chat(tok)
     rows = [{"messages": m} for m in plain_rows(3000, seed=6)]
     others = [
         {
