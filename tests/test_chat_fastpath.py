@@ -335,7 +335,17 @@ PLANNED = [
     (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
     for name in ("llama3", "llama3_training", "phi3", "phi3_training", "phi4", "gemma")
 ]
-PLANNED += [*OWN, *REORDERING, *STRADDLING]
+# literal text standing alone between special tokens (the same in every document: encoded
+# once per shape): characters the tokenizers split into byte tokens (it stays a text piece),
+# and trained spans that begin and end inside such text
+KNOWN_TEXT = (
+    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>"
+    "ünï 🦙🪿 ⿰ <|eot_id|>{% endfor %}",
+    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>{% if m.role == 'assistant' %}"
+    "Reply n{% generation %}ow<|eot_id|>{{ m.content }}<|eot_id|>ok{% endgeneration %}ay then<|eot_id|>"
+    "{% else %}{{ m.content }}<|eot_id|>{% endif %}{% endfor %}",
+)
+PLANNED += [*OWN, *REORDERING, *STRADDLING, *KNOWN_TEXT]
 
 
 def plain_rows(n: int, seed: int, specials: bool = False) -> list[list[dict]]:
@@ -400,7 +410,7 @@ def test_plain_conversations_encoded_from_their_plans_equal_their_rendered_docum
         for field in ("tokens", "mask", "unit_lengths"):
             assert np.array_equal(getattr(planned, field), getattr(rendered, field))
         assert planned.special_docs == rendered.special_docs
-    if tokenizer == "llama3" and source in (PLANNED[0], PLANNED[1], *REORDERING):
+    if tokenizer == "llama3" and source in (PLANNED[0], PLANNED[1], *REORDERING, *KNOWN_TEXT):
         assert taken[0] and not taken[1]  # clean text takes the plans; text holding a special falls back
     if source in STRADDLING:
         assert not any(taken)

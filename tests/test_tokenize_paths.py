@@ -50,3 +50,36 @@ def test_multi_span_documents_without_specials_take_the_general_mask(train_on_pr
         trained = LLAMA3.decode([t for t, m in zip(fast.tokens[: fast.unit_lengths[0]], fast.mask) if m])
         # " héllo" is one token holding response bytes: trained whole (the straddling rule)
         assert trained == " héllo4"
+
+
+SPECIAL_SETS = [
+    sorted(LLAMA3.special_tokens),
+    sorted(QWEN3.special_tokens),
+    sorted(load_tokenizer("cl100k_base").special_tokens),
+    # prefixes of one another, regex metacharacters, one character alone
+    ["<s>", "<s>x", "<", "<<", "<<<>", "a|b", "[INST]", "[/INST]", ".*", "(", "\\", "<|im_start|>", "<|im_"],
+]
+
+
+@pytest.mark.parametrize("specials", SPECIAL_SETS, ids=["llama3", "qwen3", "cl100k", "prefixes"])
+def test_special_token_trie_splits_as_the_longest_first_alternation(specials):
+    """The special-token pattern is a trie: it must split any text as the alternation of the
+    specials, longest first, splits it (the longest special at the leftmost place)."""
+    import random
+    import re
+
+    from sftpack.tokenizers import _special_pattern
+
+    alternation = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
+    trie = _special_pattern(tuple(specials))
+    rng = random.Random(7)
+    # fragments of specials (prefixes, suffixes, middles) and text around them
+    fragments = [s[a:b] for s in specials for a, b in [(0, len(s)), (0, len(s) // 2), (len(s) // 2, len(s))]]
+    fragments += ["x", " ", "|", ">", "<", "\n", "é", "_", "0"]
+    found = 0
+    for _ in range(3000):
+        text = "".join(rng.choices(fragments, k=rng.randint(0, 12)))
+        parts = alternation.split(text)
+        assert trie.split(text) == parts, text
+        found += len(parts) > 1
+    assert found > 1000  # most texts hold a special

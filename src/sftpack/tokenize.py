@@ -310,7 +310,6 @@ def _encode_planned(tok: Tokenizer, batch: Planned, train_on_prompt: bool) -> En
     if cast(re.Pattern[str], tok.special_pattern).search("\0".join(chain.from_iterable(batch.values))):
         return None  # (no special-token string holds NUL: a match is inside a run)
     recipes = _recipes(tok, bos, eos)
-    delimiters = (bos is not None) + (eos is not None)
     groups: dict[Any, list[int]] = {}
     for d, plan in enumerate(batch.plans):
         groups.setdefault(plan, []).append(d)
@@ -324,7 +323,7 @@ def _encode_planned(tok: Tokenizer, batch: Planned, train_on_prompt: bool) -> En
             if len(recipes) >= 4096:
                 recipes.clear()
             recipe = recipes[plan.literals] = _recipe(tok, plan.literals, bos, eos)
-        if recipe is None or recipe.n_items - recipe.n_texts == delimiters:
+        if recipe is None:
             return None
         n_items[group], n_texts[group] = recipe.n_items, recipe.n_texts
         shapes.append((plan, recipe, np.asarray(group, dtype=np.int64)))
@@ -437,7 +436,7 @@ class _Recipe:
 def _recipe(tok: Tokenizer, literals: tuple[str, ...], bos: int | None, eos: int | None) -> _Recipe | None:
     """The items of documents made of `literals` with message text between (see
     `_encode_planned`); None where a special token could straddle a literal's edge (message
-    text beside it could complete one)."""
+    text beside it could complete one), or where the literals hold no special token."""
     literal = _literals(tok)
     ids = tok.special_tokens
     items: list[tuple[int, int, int, int, int, int]] = []  # kind, id, start, its runs, end, its runs
@@ -465,15 +464,51 @@ def _recipe(tok: Tokenizer, literals: tuple[str, ...], bos: int | None, eos: int
     text_ends.append((pos, runs))
     if eos is not None:
         items.append((_ID, eos, pos, runs, 0, -1))
-    return _Recipe(literals, items, text_ends)
+    if not any(end_runs >= 0 for _, _, _, _, _, end_runs in items):
+        return None  # no special token: the split route takes it
+    return _Recipe(literals, *_known_texts(tok, literals, items, text_ends))
+
+
+def _known_texts(
+    tok: Tokenizer,
+    literals: tuple[str, ...],
+    items: list[tuple[int, int, int, int, int, int]],
+    text_ends: list[tuple[int, int]],
+) -> tuple[list[tuple[int, int, int, int, int, int]], list[tuple[int, int]]]:
+    """`items` with each text piece made of literal text alone (no message text: the same
+    in every document) replaced by its tokens, encoded once here: one token item each,
+    over its characters, and none for an empty piece. Only message text is then encoded
+    per document. A piece whose tokens split a character stays a text piece."""
+    before = list(accumulate(map(len, literals), initial=0))  # literal text before literal k
+    kept: list[tuple[int, int, int, int, int, int]] = []
+    kept_ends: list[tuple[int, int]] = []
+    ends = iter(text_ends)
+    for item in items:
+        if item[0] != _TEXT:
+            kept.append(item)
+            continue
+        (start, runs), (end, end_runs) = item[2:4], next(ends)
+        if runs == end_runs:
+            text = literals[runs][start - before[runs] : end - before[runs]]
+            ids = tok.encode([text]).ids.tolist() if text else []
+            lengths = tok.char_lengths(ids)
+            if lengths is not None and sum(lengths) == len(text):
+                for token, length in zip(ids, lengths):
+                    kept.append((_ID, token, start, runs, start + length, runs))
+                    start += length
+                continue
+        kept.append(item)
+        kept_ends.append((end, end_runs))
+    return kept, kept_ends
 
 
 _RECIPES: weakref.WeakKeyDictionary[Tokenizer, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
 def _recipes(tok: Tokenizer, bos: int | None, eos: int | None) -> dict[tuple[str, ...], _Recipe | None]:
-    """`tok`'s recipes by literals (delimiters as given)."""
-    by_delimiters = _RECIPES.setdefault(tok, {})
+    """`tok`'s recipes by literals (delimiters as given), for the engine that encodes now
+    (a recipe holds the tokens of its literal text)."""
+    by_delimiters = _RECIPES.setdefault(getattr(tok, "active", tok), {})
     return by_delimiters.setdefault((bos, eos), {})
 
 

@@ -35,8 +35,24 @@ _PROBE = "Hello, world! 123456 don't  \n\n\tcafé 日本語 🚀 x=1;y=[2]  "
 
 @lru_cache(maxsize=8)
 def _special_pattern(specials: tuple[str, ...]) -> re.Pattern[str]:
-    # longest first, so that a special token that prefixes another never wins
-    return re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
+    """The specials as a trie (faster to compile and to search than their alternation, with
+    the same matches): at each character the longer continuation is tried first, so a
+    special token that prefixes another never wins where the longer one matches."""
+    trie: dict[str, Any] = {}
+    for special in specials:
+        node = trie
+        for char in special:
+            node = node.setdefault(char, {})
+        node[""] = {}  # a special token ends here
+
+    def regex(node: dict[str, Any]) -> str:
+        branches = [re.escape(char) + regex(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return re.compile("(" + regex(trie) + ")")
 
 
 class Encoded:
@@ -99,6 +115,11 @@ class Tokenizer(ABC):
     def char_tables(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Per id, how many characters its bytes begin and whether its first byte continues
         one (byte-level engines): a token's characters then follow from the ids alone."""
+        return None
+
+    def char_lengths(self, ids: Sequence[int]) -> list[int] | None:
+        """Each token's length in characters, where every one of `ids` is whole characters
+        (its bytes decode alone); else None. Lets a known text stand as its tokens."""
         return None
 
     @property
@@ -169,6 +190,15 @@ class QuicktokTokenizer(Tokenizer):
     @property
     def char_tables(self) -> tuple[np.ndarray, np.ndarray] | None:
         return self._token_chars
+
+    def char_lengths(self, ids: Sequence[int]) -> list[int] | None:
+        lengths = []
+        for i in ids:
+            try:
+                lengths.append(len(self._enc.decode_single_token_bytes(i).decode("utf-8")))
+            except (KeyError, UnicodeDecodeError):  # part of a character (byte-level BPE splits some)
+                return None
+        return lengths
 
     @cached_property
     def _token_chars(self) -> tuple[np.ndarray, np.ndarray]:
@@ -430,6 +460,9 @@ class AcceleratedTokenizer(Tokenizer):
     @property
     def char_tables(self) -> tuple[np.ndarray, np.ndarray] | None:
         return self.active.char_tables
+
+    def char_lengths(self, ids: Sequence[int]) -> list[int] | None:
+        return self.active.char_lengths(ids)
 
     def encode(self, texts: Sequence[str], *, positions: bool = False) -> Encoded:
         return self.active.encode(texts, positions=positions)
