@@ -83,3 +83,18 @@ def test_special_token_trie_splits_as_the_longest_first_alternation(specials):
         assert trie.split(text) == parts, text
         found += len(parts) > 1
     assert found > 1000  # most texts hold a special
+
+
+def test_special_token_pattern_takes_long_special_tokens():
+    """A special token of hundreds of characters (a tokenizer's added prompt, say) splits
+    text as the alternation does: the trie, built and compiled a level per character, must
+    not recurse past Python's limit."""
+    import re
+
+    from sftpack.tokenizers import _special_pattern
+
+    long = "<|" + "system prompt " * 60 + "|>"
+    specials = (long, long[:-2], "<|eot_id|>", "<|")
+    alternation = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
+    text = f"a{long}b{long[:-2]}c<|eot_id|>{long[:100]}"
+    assert _special_pattern(specials).split(text) == alternation.split(text)

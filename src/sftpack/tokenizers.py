@@ -33,11 +33,18 @@ _BUNDLED = {
 _PROBE = "Hello, world! 123456 don't  \n\n\tcafé 日本語 🚀 x=1;y=[2]  "
 
 
+_TRIE_DEPTH = 100  # the longest special token the trie takes (see `_special_pattern`)
+
+
 @lru_cache(maxsize=8)
 def _special_pattern(specials: tuple[str, ...]) -> re.Pattern[str]:
     """The specials as a trie (faster to compile and to search than their alternation, with
     the same matches): at each character the longer continuation is tried first, so a
-    special token that prefixes another never wins where the longer one matches."""
+    special token that prefixes another never wins where the longer one matches. The trie
+    is built and compiled a level per character: a special token longer than `_TRIE_DEPTH`
+    takes the alternation, longest first (the same matches), within Python's recursion limit."""
+    if max(map(len, specials), default=0) > _TRIE_DEPTH:
+        return re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
     trie: dict[str, Any] = {}
     for special in specials:
         node = trie
