@@ -18,7 +18,6 @@ import collections
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -32,6 +31,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     args = ap.parse_args()
 
+    from _timing import timed
     from bench_chat import corpus
 
     import sftpack.build as B
@@ -43,24 +43,12 @@ def main() -> None:
     data = corpus(HERE / "out" / f"chat_{args.mb:g}mb.jsonl", args.mb)
     spent: dict[str, float] = collections.defaultdict(float)
 
-    def timed(owner: object, name: str, label: str) -> None:
-        real = getattr(owner, name)
-
-        def call(*a: object, **k: object) -> object:
-            t = time.perf_counter()
-            try:
-                return real(*a, **k)
-            finally:
-                spent[label] += time.perf_counter() - t
-
-        setattr(owner, name, call)
-
-    timed(B, "_write_store", "write_store")
-    timed(B, "_encode_forked", "encode")
-    timed(B, "_encode_all", "encode")  # the one-process engine (a forked build calls it only in workers)
-    timed(S.StoreWriter, "commit", "commit")
-    timed(B, "summarize", "plan check")
-    timed(os, "fsync", "fsyncs")
+    timed(spent, B, "_write_store", "write_store")
+    timed(spent, B, "_encode_forked", "encode")
+    timed(spent, B, "_encode_all", "encode")  # the one-process engine (a forked build calls it only in workers)
+    timed(spent, S.StoreWriter, "commit", "commit")
+    timed(spent, B, "summarize", "plan check")
+    timed(spent, os, "fsync", "fsyncs")
 
     tok = load_tokenizer("llama3")
     opts = BuildOptions(seq_length=2048, template="chat", train_on_prompt=False)

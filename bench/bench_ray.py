@@ -70,6 +70,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import ray
+    from _timing import timed
 
     import sftpack.distributed as d
     import sftpack.store
@@ -106,23 +107,11 @@ def main() -> None:
         d.SHARD_BYTES = int(args.shard_mb * 1e6)
         spent = {"reduce": 0.0, "serial": 0.0}
 
-        def timed(owner: object, name: str, key: str) -> None:
-            real = getattr(owner, name)
-
-            def wrapper(*a, **k):
-                t0 = time.perf_counter()
-                try:
-                    return real(*a, **k)
-                finally:
-                    spent[key] += time.perf_counter() - t0
-
-            setattr(owner, name, wrapper)
-
-        timed(d, "_reduce", "reduce")  # all of it: the tasks' copies included
+        timed(spent, d, "_reduce", "reduce")  # all of it: the tasks' copies included
         driver_steps = ((d, "reduce_plan"), (d, "reduce_tasks"))
         for owner, name in (*driver_steps, *((sftpack.store.StoreWriter, n) for n in ("preallocate", "add_digests"))):
-            timed(owner, name, "serial")  # the driver's own steps (Ray workers are other processes)
-        timed(sftpack.store, "checksum", "serial")  # the commit: chunk 0 and the straddling chunks
+            timed(spent, owner, name, "serial")  # the driver's own steps (Ray workers are other processes)
+        timed(spent, sftpack.store, "checksum", "serial")  # the commit: chunk 0 and the straddling chunks
         rates = {}
         for cpus in (1, 2):
             t = time.perf_counter()
